@@ -26,9 +26,9 @@ CONFIG_TYPES = (int, float, bool, str)
 
 
 def config_keys(scope):
-    """The overridable names of a script: its top-level scalar variables."""
+    """The overridable names of a script: its top-level scalar variables (not _private, not CONSTANTS)."""
     return [k for k, v in scope.items()
-            if not k.startswith("_") and (v is None or type(v) in CONFIG_TYPES)]
+            if not k.startswith("_") and not k.isupper() and (v is None or type(v) in CONFIG_TYPES)]
 
 
 def parse_value(text):
@@ -48,7 +48,7 @@ def checked(key, value, current):
         return float(value)  # --lr=1 means 1.0, no need to be pedantic
     if type(value) is not want:
         raise SystemExit(f"config error: --{key}={value!r} has type {type(value).__name__}, "
-                         f"but {key} is a {want.__name__} (current value {current!r})")
+                         f"but {key} takes a {want.__name__} (default {current!r})")
     return value
 
 

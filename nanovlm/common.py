@@ -1,0 +1,135 @@
+"""
+Things every script needs: where outputs go, which device to use, torchrun/DDP set-up, rank-0 printing, wandb.
+"""
+
+import contextlib
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+def get_base_dir():
+    """Outputs (tokenizer, checkpoints) live here: $NANOVLM_BASE_DIR, else ./checkpoints. Created on demand."""
+    base_dir = os.environ.get("NANOVLM_BASE_DIR") or os.path.join(os.getcwd(), "checkpoints")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def atomic_write(path, data):
+    """
+    Write bytes (or call data(tmp_path) to write the file) so that `path` is either the old file or the complete
+    new one, never half of it: write a temp file in the same directory, fsync, then rename over the target.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp_path)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    # make the rename itself durable
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size), read from the environment torchrun sets."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(s="", **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(s, **kwargs)
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_init(device_type="", seed=42):
+    """
+    Pick the device (cuda > mps > cpu unless device_type names one), seed, and join the process group when
+    launched by torchrun (nccl on CUDA, gloo otherwise).
+    Returns (ddp, rank, local_rank, world_size, device).
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device_type must be cuda, mps or cpu, got '{device_type}'")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device_type=cuda but no CUDA device is available")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device_type=mps but MPS is not available")
+
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # tf32 for the fp32 matmuls that remain
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    print0(f"device {device} | world size {world_size}")
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when no run name is given (or off rank 0)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def get_wandb(run, project, config, rank=0):
+    """A real wandb run when `run` names one (rank 0 only), a DummyWandb otherwise."""
+    if not run or run == "dummy" or rank != 0:
+        return DummyWandb()
+    try:
+        import wandb  # optional dependency: only needed when logging to wandb
+    except ImportError:
+        raise SystemExit(f"--run={run} asks for wandb logging, but wandb is not installed (pip install wandb)")
+    return wandb.init(project=project, name=run, config=config)
+
+
+def autocast_context(device_type):
+    """bf16 autocast on CUDA; CPU and MPS run in fp32."""
+    if device_type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,279 @@
+"""
+The GPT: nanochat's December 2025 model, math for math, so its checkpoints load and compute the same.
+- token embedding, then a parameter-free RMSNorm (and one before every sub-block, and one at the end)
+- rotary position embeddings (split halves, nanochat's sign, bf16 tables), no learned positions
+- QK-norm after rotary, grouped-query attention (n_kv_head <= n_head)
+- ReLU^2 MLP, no biases anywhere, untied lm_head, logits softcapped at 15
+Added for vision: forward(embeds=...) takes ready input embeddings (image features spliced into the token
+embeddings), and resize_vocab() grows the vocabulary for new special tokens without touching old rows.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # number of query heads
+    n_kv_head: int = 6  # number of key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+
+
+def norm(x):
+    # no weight and no explicit eps: F.rms_norm then uses the dtype's machine epsilon, exactly as nanochat does
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    # x: (B, T, H, D). The head dim is split in halves (not interleaved pairs). The sign is nanochat's, the
+    # transpose of the usual rotate_half convention: trained weights depend on it, so do not "fix" it.
+    assert x.ndim == 4
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], 3).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = self.n_embd // self.n_head
+        assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} not divisible by n_head {self.n_head}"
+        assert self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0, \
+            f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"
+        self.c_q = nn.Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK-norm, after rotary
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far
+        Tq, Tk = q.size(2), k.size(2)
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is None or Tq == Tk:
+            # training, or the first prefill into an empty cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif Tq == 1:
+            # one-token decode: it may attend to everything in the cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        else:
+            # chunked prefill: the whole cached prefix, then causal within the chunk
+            prefix = Tk - Tq
+            mask = torch.ones((Tq, Tk), dtype=torch.bool, device=q.device)
+            mask[:, prefix:] = torch.tril(mask[:, prefix:])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class KVCache:
+    """
+    Keys and values of every layer, one tensor (n_layer, 2, B, H_kv, T, D), allocated on the first insert with
+    the dtype and device of the keys. `pos` is the number of positions filled; it advances after the last layer.
+    """
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+        self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
+        self.cache = None
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        if self.cache is None:
+            self.cache = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.cache.size(4):
+            # grow (rare: the engine sizes the cache for the whole generation up front)
+            grow_to = (t1 + 1024 + 1023) // 1024 * 1024
+            extra = list(self.cache.shape)
+            extra[4] = grow_to - self.cache.size(4)
+            self.cache = torch.cat([self.cache, self.cache.new_empty(extra)], dim=4)
+        self.cache[layer_idx, 0, :, :, t0:t1] = k
+        self.cache[layer_idx, 1, :, :, t0:t1] = v
+        if layer_idx == self.cache.size(0) - 1:
+            self.pos = t1
+        return self.cache[layer_idx, 0, :, :, :t1], self.cache[layer_idx, 1, :, :, :t1]
+
+    def expand_batch(self, batch_size):
+        """Fan a batch-1 cache out to batch_size identical rows (prefill once, then sample several)."""
+        assert self.cache is not None and self.cache.size(2) == 1, "expand_batch needs a filled batch-1 cache"
+        self.cache = self.cache.repeat(1, 1, batch_size, 1, 1, 1)
+        self.shape = tuple(self.cache.shape)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # rotary tables for 10x the training length, so generation can run past it; not saved in checkpoints
+        self.rotary_seq_len = config.sequence_len * 10
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+
+    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
+        if device is None:
+            device = self.transformer.wte.weight.device
+        channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel_range / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()  # bf16 tables, as nanochat keeps them
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+
+    def init_weights(self):
+        """nanochat's init; call after to_empty() when the model was built on the meta device."""
+        self.apply(self._init_weights)
+        # zero the output projections: every block starts as the identity and the logits start flat
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            nn.init.zeros_(block.attn.c_proj.weight)
+        self.init_rotary()
+        if self.transformer.wte.weight.device.type == "cuda":
+            self.transformer.wte.to(dtype=torch.bfloat16)  # nanochat keeps the embedding in bf16 on GPU
+
+    def init_rotary(self):
+        """(Re)compute the rotary tables on the model's device: they are buffers that checkpoints do not hold."""
+        head_dim = self.config.n_embd // self.config.n_head
+        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            # https://arxiv.org/abs/2310.17813
+            fan_out, fan_in = module.weight.shape
+            std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self, seq_len=None):
+        """FLOPs per token for forward + backward (6N for the matmuls + the attention scores)."""
+        nparams = self.num_params() - self.transformer.wte.weight.numel()
+        c = self.config
+        t = seq_len or c.sequence_len
+        return 6 * nparams + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * t
+
+    @torch.no_grad()
+    def resize_vocab(self, new_vocab_size):
+        """
+        Grow wte and lm_head to new_vocab_size rows (new special tokens). Old rows are copied untouched, so every
+        old token embeds and scores exactly as before. New embeddings start at the mean embedding (a neutral
+        input); new lm_head rows start at zero (a logit of 0, which the model learns to move).
+        """
+        old = self.config.vocab_size
+        if new_vocab_size < old:
+            raise ValueError(f"resize_vocab only grows the vocabulary: {old} -> {new_vocab_size}")
+        if new_vocab_size == old:
+            return
+        wte, head = self.transformer.wte.weight, self.lm_head.weight
+        new_wte = torch.empty(new_vocab_size, wte.size(1), dtype=wte.dtype, device=wte.device)
+        new_wte[:old] = wte
+        new_wte[old:] = wte.float().mean(dim=0).to(wte.dtype)
+        new_head = torch.zeros(new_vocab_size, head.size(1), dtype=head.dtype, device=head.device)
+        new_head[:old] = head
+        self.transformer.wte.weight = nn.Parameter(new_wte, requires_grad=wte.requires_grad)
+        self.transformer.wte.num_embeddings = new_vocab_size
+        self.lm_head.weight = nn.Parameter(new_head, requires_grad=head.requires_grad)
+        self.lm_head.out_features = new_vocab_size
+        self.config.vocab_size = new_vocab_size
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", embeds=None):
+        """
+        idx: (B, T) token ids, or None when embeds (B, T, n_embd) are given (image features already spliced in).
+        Returns fp32 softcapped logits (B, T, vocab_size), or the loss when targets (B, T) are given
+        (targets of -1 are ignored; loss_reduction 'mean' or 'none' as in F.cross_entropy).
+        """
+        x = self.transformer.wte(idx) if embeds is None else embeds
+        B, T = x.shape[:2]
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()
+        assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} exceeds the rotary cache {self.cos.size(1)}"
+        assert self.cos.device == x.device, f"rotary tables on {self.cos.device}, input on {x.device}"
+        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+
+        x = norm(x)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos_sin, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, cos_sin, kv_cache)
+        x = norm(x)
+
+        if targets is not None and loss_reduction == "mean":
+            # the mean ignores -1 targets anyway, so only the supervised rows need the (big) lm_head matmul:
+            # in a VLM batch most positions are image or prompt tokens
+            keep = targets.reshape(-1) != -1
+            logits = self.head_logits(x.reshape(-1, x.size(-1))[keep])
+            return F.cross_entropy(logits, targets.reshape(-1)[keep], reduction="mean")
+        logits = self.head_logits(x)
+        if targets is not None:
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=loss_reduction)
+        return logits
+
+    def head_logits(self, x):
+        softcap = 15
+        logits = self.lm_head(x).float()
+        return softcap * torch.tanh(logits / softcap)

@@ -1,0 +1,121 @@
+import torch
+
+from nanovlm.gpt import GPT, GPTConfig, KVCache
+
+
+def tiny_gpt(n_head=4, n_kv_head=2, vocab=97, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=64))
+    model.init_weights()
+    # nanochat's init zeroes the output projections; give every weight a value so the checks see real math
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_d20_parameter_count_on_meta():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280))
+    assert model.num_params() == 560_988_160
+    assert len(model.state_dict()) == 2 + 6 * 20  # cos/sin are not saved
+
+
+def test_rotary_tables_are_bf16_and_long():
+    model = tiny_gpt()
+    assert model.cos.dtype == torch.bfloat16 and model.cos.shape == (1, 640, 1, 8)
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward():
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(2, 2, 24, 16, 2)
+        steps = [model(idx[:, :10], kv_cache=cache)]
+        steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(10, 24)]
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+
+
+def test_chunked_prefill_equals_one_prefill():
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        one = model(idx, kv_cache=KVCache(1, 2, 30, 16, 2))
+        cache = KVCache(1, 2, 8, 16, 2)  # too short on purpose: the cache grows
+        chunks = [model(idx[:, a:b], kv_cache=cache) for a, b in [(0, 7), (7, 19), (19, 30)]]
+    assert cache.get_pos() == 30
+    assert (torch.cat(chunks, 1) - one).abs().max() <= 1e-5
+
+
+def test_expand_batch_fans_out_a_prefill():
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (1, 12))
+    nxt = torch.randint(0, 97, (3, 1))
+    with torch.no_grad():
+        cache = KVCache(1, 2, 16, 16, 2)
+        model(idx, kv_cache=cache)
+        cache.expand_batch(3)
+        out = model(nxt, kv_cache=cache)[:, -1]
+        ref = model(torch.cat([idx.expand(3, -1), nxt], 1))[:, -1]
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_embeds_equal_token_ids():
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        embeds = model.transformer.wte(idx)
+        assert torch.equal(model(idx), model(None, embeds=embeds))
+        assert torch.equal(model(idx, targets), model(None, targets, embeds=embeds))
+
+
+def test_logits_are_softcapped_fp32():
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+        logits = model(torch.randint(0, 97, (1, 8)))
+    assert logits.dtype == torch.float32 and logits.abs().max() <= 15
+
+
+def test_loss_ignores_minus_one_and_matches_full_cross_entropy():
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    targets[:, :9] = -1
+    with torch.no_grad():
+        logits = model(idx)
+        ref = torch.nn.functional.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1)
+        loss = model(idx, targets)
+        per_token = model(idx, targets, loss_reduction="none")
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert per_token.shape == (32,) and torch.all(per_token.view(2, 16)[:, :9] == 0)
+    assert abs(per_token.sum().item() / 14 - ref.item()) < 1e-5
+
+
+def test_resize_vocab_keeps_old_logits():
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        before = model(idx)
+        model.resize_vocab(110)
+        after = model(idx)
+    assert model.config.vocab_size == 110 and model.transformer.wte.weight.shape == (110, 64)
+    assert torch.equal(after[..., :97], before)
+    assert torch.all(after[..., 97:] == 0)  # new lm_head rows start at zero
+    new_token = torch.tensor([[105]])
+    assert torch.isfinite(model(new_token)).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_gpt().train()
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    model(idx, targets).backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(idx, targets).backward()
+    for g, r in zip((p.grad for p in model.parameters()), ref):
+        assert torch.allclose(g, r, atol=1e-6)
