@@ -19,11 +19,14 @@ import os
 import re
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanovlm.common import atomic_write
+from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 from nanovlm.gpt import GPT, GPTConfig
+from nanovlm.tokenizer import Tokenizer
+from nanovlm.vlm import build_vlm
 
 
 # ---- key checking shared by every loader
@@ -126,6 +129,25 @@ def load_checkpoint(checkpoint_dir, step=None, device="cpu", load_optimizer=Fals
     return model_state, optimizer_state, meta
 
 
+def load_vlm(checkpoint_dir, step=None, device="cpu"):
+    """(VLM, tokenizer, meta) from one of our checkpoint directories, by default its latest step."""
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    for key in ("model_config", "encoder_config", "image_token_id"):
+        if key not in meta:
+            raise ValueError(f"{meta_path(checkpoint_dir, step)}: not a nanovlm model checkpoint (no {key})")
+    encoder_config = dict(meta["encoder_config"])
+    encoder_config["sam_global_blocks"] = tuple(encoder_config["sam_global_blocks"])  # JSON made it a list
+    model = build_vlm(GPTConfig(**meta["model_config"]), DeepEncoderConfig(**encoder_config),
+                      meta["image_token_id"], device=device, init=False)
+    check_state_dict(expected_shapes(model), model_state, model_path(checkpoint_dir, step))
+    model.load_state_dict(model_state, strict=True)
+    tokenizer = Tokenizer.from_directory(os.path.join(checkpoint_dir, meta.get("tokenizer_dir", "tokenizer")))
+    model.eval()
+    return model, tokenizer, meta
+
+
 # ---- nanochat GPT checkpoints
 
 def load_nanochat(checkpoint_dir, step=None, device="cpu"):
@@ -175,9 +197,7 @@ def load_nanochat(checkpoint_dir, step=None, device="cpu"):
 # without the rest of it in memory. Every key and shape is checked against the file's headers before any data is
 # read, and dtypes are converted to the encoder's on load.
 
-from safetensors import safe_open  # noqa: E402 (kept with the importers that use it)
 
-from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig  # noqa: E402
 
 
 def safetensors_files(path):

@@ -1,0 +1,223 @@
+"""
+Data: dataset records -> ready batches (inputs, targets, images, state) on the device.
+
+A record is {id, image, prompt, answer, ...}; `image` is relative to the dataset JSON and the prompt holds one
+`<image>`. One sample is the two-turn conversation [user: prompt, assistant: answer] rendered with N <|image|>
+ids (N from the image's size and the image mode); targets are -1 everywhere the render mask is 0, so labels sit
+on the answer tokens whatever the image's length. Optional text-only conversations (JSONL) are mixed in at
+text_ratio.
+
+Order is a pure function of (seed, epoch, rank, position): every epoch is a fresh shuffle of all records, the
+same on every rank, and rank r takes every world_size-th of it. The yielded state (epoch, position, ...) is
+what a resumed run passes back to continue with exactly the next batch. Images are decoded and preprocessed
+by a thread pool a few samples ahead of the training loop.
+"""
+
+import json
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from nanovlm.image_process import count_image_tokens, load_image, preprocess
+from nanovlm.tokenizer import IMAGE_PLACEHOLDER
+
+REQUIRED_FIELDS = ("id", "image", "prompt", "answer")
+
+
+def load_records(path, strict=False):
+    """The records of a dataset JSON, image paths made absolute. A malformed record is reported and skipped
+    (strict: raises)."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dataset not found: {path}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}: a dataset is a JSON list of records, found {type(raw).__name__}")
+    root = os.path.dirname(os.path.abspath(path))
+    records = []
+    for i, record in enumerate(raw):
+        problem = record_problem(record)
+        if problem:
+            name = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
+            report(f"{path}: record {name}: {problem}", strict)
+            continue
+        records.append(dict(record, image=os.path.join(root, record["image"])))
+    if not records:
+        raise ValueError(f"{path}: no usable records")
+    return records
+
+
+def record_problem(record):
+    if not isinstance(record, dict):
+        return f"not an object ({type(record).__name__})"
+    for field in REQUIRED_FIELDS:
+        if field not in record:
+            return f"missing field '{field}'"
+        if not isinstance(record[field], (str, int)) or (field != "id" and not isinstance(record[field], str)):
+            return f"field '{field}' must be a string"
+    if record["prompt"].count(IMAGE_PLACEHOLDER) != 1:
+        return f"prompt must hold exactly one {IMAGE_PLACEHOLDER}"
+    return None
+
+
+def load_conversations(path):
+    """Text-only conversations, one JSON per line: a list of messages or {"messages": [...]}."""
+    conversations = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                conversation = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from e
+            conversations.append(conversation)
+    if not conversations:
+        raise ValueError(f"{path}: no conversations")
+    return conversations
+
+
+def report(message, strict):
+    if strict:
+        raise ValueError(message)
+    print(f"skipping: {message}")  # on every rank: each one sees its own records
+
+
+def render_record(record, tokenizer, image_mode, max_tokens):
+    """One record -> (ids, mask, image) with image = (global_view, tiles, tiling). Raises ValueError naming it."""
+    image = load_image(record["image"])
+    views = preprocess(image, image_mode)
+    conversation = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["answer"]}]
+    n_image = count_image_tokens(image.width, image.height, image_mode)
+    ids, mask = tokenizer.render_conversation(conversation, image_tokens=[n_image])
+    if len(ids) > max_tokens:
+        # cut the answer, never the image (render_conversation refuses to cut an image)
+        print(f"warning: record {record['id']}: {len(ids)} tokens, answer truncated to fit {max_tokens}")
+        ids, mask = tokenizer.render_conversation(conversation, image_tokens=[n_image], max_tokens=max_tokens)
+    return ids, mask, views
+
+
+def render_text(conversation, tokenizer, max_tokens):
+    ids, mask = tokenizer.render_conversation(conversation)
+    return ids[:max_tokens], mask[:max_tokens], None
+
+
+def collate(samples, pad_id, device):
+    """
+    samples: (ids, mask, image) triples -> inputs (B, L), targets (B, L), images (list, batch order).
+    L is the longest sample minus one; shorter rows are padded (input pad_id, target -1).
+    """
+    L = max(len(ids) for ids, _, _ in samples) - 1
+    inputs = torch.full((len(samples), L), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), L), -1, dtype=torch.long)
+    for row, (ids, mask, _) in enumerate(samples):
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        inputs[row, :len(ids) - 1] = ids_t[:-1]
+        targets[row, :len(ids) - 1] = torch.where(keep, ids_t[1:], -1)
+    use_cuda = torch.device(device).type == "cuda"
+    inputs = inputs.to(device, non_blocking=use_cuda)
+    targets = targets.to(device, non_blocking=use_cuda)
+    images = [tuple(t.to(device, non_blocking=use_cuda) if torch.is_tensor(t) else t for t in image)
+              for _, _, image in samples if image is not None]
+    return inputs, targets, images
+
+
+def epoch_order(n, seed, epoch):
+    """The same shuffle of range(n) on every rank for a given epoch."""
+    order = list(range(n))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    return order
+
+
+def plan(num_records, num_texts, text_ratio, seed, rank, world_size, state):
+    """
+    The endless sequence of (kind, index, state_after) this rank will consume, starting from `state`.
+    kind is "vision" or "text"; state_after is the state to save once this item is in a yielded batch.
+    """
+    state = dict(state)
+    while True:
+        # whether this slot is text is a pure function of (seed, rank, item count): resumable without RNG state
+        use_text = num_texts > 0 and random.Random(f"{seed}:{rank}:mix:{state['items']}").random() < text_ratio
+        state["items"] += 1
+        if use_text:
+            order = epoch_order(num_texts, seed + 1, state["text_epoch"])[rank::world_size] or [0]
+            index = order[state["text_position"]]
+            state["text_position"] += 1
+            if state["text_position"] >= len(order):
+                state["text_epoch"], state["text_position"] = state["text_epoch"] + 1, 0
+            yield "text", index, dict(state)
+        else:
+            order = epoch_order(num_records, seed, state["epoch"])[rank::world_size] or [0]
+            index = order[state["position"]]
+            state["position"] += 1
+            if state["position"] >= len(order):
+                state["epoch"], state["position"] = state["epoch"] + 1, 0
+            yield "vision", index, dict(state)
+
+
+def initial_state():
+    return {"epoch": 0, "position": 0, "text_epoch": 0, "text_position": 0, "items": 0}
+
+
+def vision_batches(records, tokenizer, batch_size, max_tokens, image_mode, device="cpu", seed=0, rank=0,
+                   world_size=1, texts=None, text_ratio=0.0, resume_state=None, strict=False, num_workers=4):
+    """
+    Endless generator of (inputs, targets, images, state) for one rank.
+    max_tokens bounds a sample's length (the model's sequence_len + 1 for the shifted targets).
+    """
+    texts = texts or []
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    state = dict(initial_state(), **(resume_state or {}))
+    items = plan(len(records), len(texts), text_ratio, seed, rank, world_size, state)
+
+    def prepare(item):
+        kind, index, state_after = item
+        try:
+            if kind == "text":
+                return render_text(texts[index], tokenizer, max_tokens), state_after, None
+            return render_record(records[index], tokenizer, image_mode, max_tokens), state_after, None
+        except (ValueError, OSError) as e:
+            name = records[index]["id"] if kind == "vision" else f"text #{index}"
+            return None, state_after, f"record {name}: {e}"
+
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+        # keep a window of samples in flight so Pillow works while the model trains
+        window = [pool.submit(prepare, next(items)) for _ in range(num_workers * batch_size)]
+        batch = []
+        bad_in_a_row = 0
+        while True:
+            sample, state_after, error = window.pop(0).result()
+            window.append(pool.submit(prepare, next(items)))
+            if error:
+                report(error, strict)
+                bad_in_a_row += 1
+                if bad_in_a_row > 100:
+                    raise ValueError(f"more than 100 bad records in a row, last: {error}")
+                continue
+            bad_in_a_row = 0
+            batch.append(sample)
+            if len(batch) == batch_size:
+                inputs, targets, images = collate(batch, pad_id, device)
+                yield inputs, targets, images, state_after
+                batch = []
+
+
+def eval_batches(records, tokenizer, batch_size, max_tokens, image_mode, device="cpu", rank=0, world_size=1):
+    """One ordered pass over this rank's share of the records (for validation loss): (inputs, targets, images)."""
+    mine = records[rank::world_size]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        samples = pool.map(lambda r: render_record(r, tokenizer, image_mode, max_tokens), mine)
+        batch = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield collate(batch, tokenizer.encode_special("<|assistant_end|>"), device)
+                batch = []
+        if batch:
+            yield collate(batch, tokenizer.encode_special("<|assistant_end|>"), device)

@@ -1,0 +1,129 @@
+"""
+Generation with a KV cache. The prompt (with its images) is prefilled once at batch size 1: the encoder runs
+there and never again. The cache is then fanned out to num_samples rows and every decode step feeds one token
+per row. Tokens that must never be produced (<|image|>, the turn markers) are masked to -inf before sampling.
+"""
+
+import torch
+
+from nanovlm.gpt import KVCache
+
+# ids the model may never sample: images come only from the encoder, turns only from the renderer
+FORBIDDEN_TOKENS = ["<|image|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|output_start|>",
+                    "<|output_end|>"]
+STOP_TOKENS = ["<|assistant_end|>", "<|bos|>"]
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+    """logits (B, V) -> next ids (B, 1). temperature 0 is greedy; top_k keeps the k largest logits."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    if top_k is not None and top_k > 0:
+        k = min(top_k, logits.size(-1))
+        values, indices = torch.topk(logits, k, dim=-1)
+        probs = torch.softmax(values / temperature, dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=rng)
+        return indices.gather(1, choice)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng)
+
+
+def prompt_forward(model, ids, images, kv_cache=None):
+    """Logits of a prompt, through the VLM when it has images (or is a VLM), else straight through the GPT."""
+    if hasattr(model, "embed"):
+        return model(ids, images=images, kv_cache=kv_cache)
+    assert not images, "a plain GPT cannot take images"
+    return model(ids, kv_cache=kv_cache)
+
+
+def token_forward(model, ids, kv_cache):
+    """Decode step: token ids only, the encoder is not involved."""
+    gpt = model.gpt if hasattr(model, "gpt") else model
+    return gpt(ids, kv_cache=kv_cache)
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model  # a VLM or a plain GPT
+        self.tokenizer = tokenizer
+        self.forbidden_ids = [tokenizer.encode_special(t) for t in FORBIDDEN_TOKENS if t in tokenizer.get_special_tokens()]
+        self.stop_ids = {tokenizer.encode_special(t) for t in STOP_TOKENS}
+
+    def mask_forbidden(self, logits):
+        logits[:, self.forbidden_ids] = float("-inf")
+        return logits
+
+    @torch.inference_mode()
+    def generate(self, tokens, images=None, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        """
+        Stream the continuation of `tokens` (a list of prompt ids holding <|image|> runs for `images`).
+        Yields (token_column, token_masks) per step: one new id per row, and 1 for sampled tokens (nanochat's
+        interface; a row that has finished repeats its stop token with mask 0).
+        """
+        assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens must be a list of ids"
+        gpt = self.model.gpt if hasattr(self.model, "gpt") else self.model
+        config = gpt.config
+        device = gpt.get_device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+
+        # prefill once, batch 1, with a cache long enough for the whole generation
+        head_dim = config.n_embd // config.n_head
+        kv_cache = KVCache(1, config.n_kv_head, len(tokens) + max_tokens, head_dim, config.n_layer)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = prompt_forward(self.model, ids, images, kv_cache)[:, -1, :]  # (1, V)
+        kv_cache.expand_batch(num_samples)
+        logits = logits.expand(num_samples, -1).clone()  # each row samples its own first token
+
+        done = [False] * num_samples
+        for _ in range(max_tokens):
+            next_ids = sample_next_token(self.mask_forbidden(logits), rng, temperature, top_k)  # (B, 1)
+            column = next_ids[:, 0].tolist()
+            masks = []
+            for row, token in enumerate(column):
+                masks.append(0 if done[row] else 1)
+                if token in self.stop_ids:
+                    done[row] = True
+            yield column, masks
+            if all(done):
+                return
+            logits = token_forward(self.model, next_ids, kv_cache)[:, -1, :]
+
+    def generate_batch(self, tokens, images=None, num_samples=1, **kwargs):
+        """Whole sequences: (prompt + generated ids per row without the stop token, masks)."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        finished = [False] * num_samples
+        for column, column_masks in self.generate(tokens, images, num_samples, **kwargs):
+            for row, (token, mask) in enumerate(zip(column, column_masks)):
+                if finished[row]:
+                    continue
+                if token in self.stop_ids:
+                    finished[row] = True
+                else:
+                    results[row].append(token)
+                    masks[row].append(mask)
+            if all(finished):
+                break
+        return results, masks
+
+
+@torch.inference_mode()
+def generate_naive(model, tokenizer, tokens, images=None, max_tokens=256, stop=True):
+    """
+    The baseline: greedy decoding that re-runs the whole sequence (and the encoder) every step. The engine must
+    produce exactly these tokens; the benchmark measures how much faster it does so.
+    """
+    engine_rules = Engine(model, tokenizer)
+    gpt = model.gpt if hasattr(model, "gpt") else model
+    ids = list(tokens)
+    out = []
+    for _ in range(max_tokens):
+        x = torch.tensor([ids], dtype=torch.long, device=gpt.get_device())
+        logits = engine_rules.mask_forbidden(prompt_forward(model, x, images)[:, -1, :])
+        token = int(torch.argmax(logits, dim=-1))
+        if stop and token in engine_rules.stop_ids:
+            break
+        out.append(token)
+        ids.append(token)
+    return out

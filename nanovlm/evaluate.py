@@ -1,0 +1,76 @@
+"""
+Evaluate a model on dataset records: greedy answers through the engine, teacher-forced loss on the reference
+answer, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py and training-time eval.
+"""
+
+import contextlib
+
+import torch
+
+from nanovlm.dataloader import collate, render_record
+from nanovlm.engine import Engine
+from nanovlm.image_process import count_image_tokens, load_image, preprocess
+from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
+
+
+def score(pred, ref):
+    """Per-sample measures of a predicted answer against the reference."""
+    result = {"exact": pred.strip() == ref.strip(), "cer": cer(pred, ref), "ned": ned(pred, ref),
+              "word_precision": word_precision(pred, ref)}
+    ref_boxes = parse_boxes(ref)
+    if ref_boxes:
+        pred_boxes = parse_boxes(pred)
+        result["det_rate"] = detection_rate(pred_boxes, ref_boxes)
+        result["iou"] = mean_iou(pred_boxes, ref_boxes)
+    return result
+
+
+def prompt_ids(tokenizer, prompt, image, image_mode):
+    """The generation prompt for one image: the user turn with its <|image|> run, then <|assistant_start|>."""
+    n_image = count_image_tokens(image.width, image.height, image_mode)
+    return tokenizer.render_for_completion([{"role": "user", "content": prompt}], image_tokens=[n_image])
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, record, image_mode, max_tokens):
+    """Mean cross-entropy of the reference answer given the image and prompt (teacher forcing)."""
+    device = model.get_device()
+    inputs, targets, images = collate([render_record(record, tokenizer, image_mode, max_tokens)],
+                                      tokenizer.encode_special("<|assistant_end|>"), device)
+    return model(inputs, images=images, targets=targets).item()
+
+
+def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, autocast=None):
+    """One dict per record: id, prediction, reference, loss and the measures of score()."""
+    engine = Engine(model, tokenizer)
+    device = model.get_device()
+    max_tokens = model.config.sequence_len + 1
+    samples = []
+    was_training = model.training
+    model.eval()
+    for record in records:
+        image = load_image(record["image"])
+        global_view, tiles, tiling = preprocess(image, image_mode)
+        views = (global_view.to(device), tiles.to(device) if tiles is not None else None, tiling)
+        ids = prompt_ids(tokenizer, record["prompt"], image, image_mode)
+        budget = min(max_new_tokens, model.config.sequence_len * 10 - len(ids))
+        with autocast or contextlib.nullcontext():
+            out, _ = engine.generate_batch(ids, images=[views], max_tokens=budget, temperature=0.0)
+            loss = answer_loss(model, tokenizer, record, image_mode, max_tokens)
+        pred = tokenizer.decode(out[0][len(ids):])
+        samples.append(dict(id=record["id"], prediction=pred, reference=record["answer"], loss=loss,
+                            **score(pred, record["answer"])))
+    model.train(was_training)
+    return samples
+
+
+def summarize(samples):
+    """The summary of a list of scored samples (means over samples; box measures over samples with boxes)."""
+    n = len(samples)
+    mean = lambda key, rows: sum(s[key] for s in rows) / len(rows) if rows else None
+    boxed = [s for s in samples if "det_rate" in s]
+    exact = sum(bool(s["exact"]) for s in samples)
+    return {"n": n, "exact": exact, "exact_rate": exact / n if n else 0.0, "cer": mean("cer", samples),
+            "ned": mean("ned", samples), "word_precision": mean("word_precision", samples),
+            "loss": mean("loss", samples), "det_rate": mean("det_rate", boxed), "iou": mean("iou", boxed),
+            "samples": samples}

@@ -1,0 +1,334 @@
+"""
+The training loop shared by scripts/vis_tok_train.py (stage 1: everything trains) and scripts/vis_mid_train.py
+(stage 2: SAM and the compressor frozen, text mixed in). The scripts hold the hyperparameters as plain
+variables and call train(config); everything they share lives here once.
+
+One step: grad_accum micro-batches (inputs, targets, images) -> VLM loss -> backward, clip, AdamW with one
+param group per component, LR schedule (warmup, constant, warmdown). Every eval_every steps: validation loss,
+a few greedy samples scored with the shared metrics, and a collapse monitor on the vision features.
+"""
+
+import contextlib
+import os
+import re
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanovlm.checkpoint import find_last_step, load_checkpoint, load_nanochat, load_vlm, save_checkpoint
+from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
+from nanovlm.dataloader import eval_batches, load_conversations, load_records, vision_batches
+from nanovlm.evaluate import evaluate_records, summarize
+from nanovlm.image_process import resolve_mode
+from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
+from nanovlm.vlm import build_vlm, model_meta, preset_configs
+
+# Parameter groups, by full parameter name. Every trainable parameter must match exactly one pattern.
+NOT_LORA = r"(?!.*\.lora_[AB]\.)"
+PARAM_GROUPS = [
+    ("sam", NOT_LORA + r"encoder\.sam\.(?!net_2\.|net_3\.).*"),
+    ("compressor", NOT_LORA + r"encoder\.sam\.net_[23]\..*"),
+    ("clip", NOT_LORA + r"encoder\.clip\..*"),
+    ("projector", NOT_LORA + r"encoder\.(projector\..*|image_newline|view_seperator)"),
+    ("gpt_matrices", NOT_LORA + r"gpt\.transformer\.h\.\d+\..*"),
+    ("embeddings", r"gpt\.transformer\.wte\.weight"),
+    ("lm_head", r"gpt\.lm_head\.weight"),
+    ("lora", r".*\.lora_[AB]\.weight"),
+]
+
+
+def group_parameters(model, lrs, weight_decays):
+    """
+    AdamW param groups, one per component that has trainable parameters. Stops with a list of offenders if a
+    trainable parameter matches no group or several (a new module must be given a home, not silently skipped).
+    """
+    members = {name: [] for name, _ in PARAM_GROUPS}
+    problems = []
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hits = [g for g, pattern in PARAM_GROUPS if re.fullmatch(pattern, pname)]
+        if len(hits) != 1:
+            problems.append(f"{pname} ({'no group' if not hits else 'groups ' + ', '.join(hits)})")
+        else:
+            members[hits[0]].append(p)
+    if problems:
+        raise SystemExit("parameter groups do not cover the model exactly once:\n  " + "\n  ".join(problems))
+    return [{"name": g, "params": ps, "lr": lrs[g], "initial_lr": lrs[g], "weight_decay": weight_decays[g]}
+            for g, ps in members.items() if ps]
+
+
+def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warmup, flat, linear warmdown to final_lr_frac."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def freeze(model, cfg):
+    """Stage 2 freezes SAM and/or the compressor. Frozen parameters never reach the optimizer."""
+    for name, p in model.encoder.sam.named_parameters():
+        is_compressor = name.startswith(("net_2.", "net_3."))
+        if (cfg["freeze_sam"] and not is_compressor) or (cfg["freeze_compressor"] and is_compressor):
+            p.requires_grad_(False)
+
+
+@torch.no_grad()
+def collapse_monitor(encoder, images):
+    """
+    Mean pairwise cosine similarity of the pooled features of different images, after SAM + compressor and
+    after the projector. Near 1 means the encoder maps every image to the same thing (collapse).
+    """
+    if len(images) < 2:
+        return None, None
+    pixels = torch.stack([img[0] for img in images])
+    sam_map = encoder.sam(pixels)  # (B, C, n, n)
+    pooled = [sam_map.mean(dim=(2, 3)), encoder(pixels).mean(dim=1)]
+    out = []
+    for feats in pooled:
+        f = torch.nn.functional.normalize(feats.float(), dim=-1)
+        sim = f @ f.T
+        n = sim.size(0)
+        out.append(((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item())
+    return tuple(out)
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU; None where we do not know it (CPU, MPS, unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def build_model(cfg, device):
+    """(model, tokenizer, image_mode) for a fresh run: a preset, optionally initialised from other weights."""
+    if cfg["start_from"]:
+        # a previous nanovlm run (e.g. stage 1 for stage 2): its weights, tokenizer and image mode
+        path = cfg["start_from"] if os.path.isdir(cfg["start_from"]) else os.path.join(get_base_dir(), cfg["start_from"])
+        model, tokenizer, meta = load_vlm(path, device=device)
+        print0(f"starting from {path} step {meta['step']}")
+        return model, tokenizer, cfg["image_mode"] or meta["image_mode"]
+    if cfg["init_from"]:
+        gpt, _ = load_nanochat(cfg["init_from"], device=device)
+        tokenizer = load_nanochat_tokenizer(cfg["nanochat_tokenizer"])
+        gpt.resize_vocab(tokenizer.get_vocab_size())
+    else:
+        gpt = None
+        tokenizer = get_tokenizer(cfg["tokenizer_dir"] or None)
+    gpt_config, encoder_config, image_mode = preset_configs(cfg["model"], tokenizer.get_vocab_size())
+    if gpt is not None:
+        gpt_config = gpt.config
+        encoder_config.out_dim = gpt_config.n_embd
+    model = build_vlm(gpt_config, encoder_config, tokenizer.encode_special("<|image|>"), device=device)
+    if gpt is not None:
+        model.gpt.load_state_dict(gpt.state_dict())
+    if cfg["vision_from"]:
+        from nanovlm.checkpoint import load_deepseek_ocr_vision
+        encoder = load_deepseek_ocr_vision(cfg["vision_from"], encoder_config)
+        model.encoder.load_state_dict(encoder.state_dict())
+    return model, tokenizer, cfg["image_mode"] or image_mode
+
+
+def train(cfg):
+    ddp, rank, local_rank, world_size, device = compute_init(cfg["device_type"], seed=cfg["seed"])
+    master = rank == 0
+    autocast = autocast_context(device.type)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    checkpoint_dir = os.path.join(get_base_dir(), cfg["model_tag"])
+    logger = get_wandb(cfg["run"], "nanovlm", cfg, rank)
+
+    # ---- model, tokenizer, optimizer; or all of it from the last checkpoint
+    resume_step = None
+    if cfg["resume"]:
+        resume_step = find_last_step(checkpoint_dir)
+        model, tokenizer, meta = load_vlm(checkpoint_dir, resume_step, device=device)
+        image_mode = meta["image_mode"]
+        print0(f"resuming {checkpoint_dir} from step {resume_step}")
+    else:
+        model, tokenizer, image_mode = build_model(cfg, device)
+    freeze(model, cfg)
+    model.encoder.gradient_checkpointing = cfg["grad_checkpointing"]
+    model.gpt.gradient_checkpointing = cfg["grad_checkpointing"]
+    model.train()
+
+    names = [name for name, _ in PARAM_GROUPS]
+    lrs = {name: cfg[f"{name}_lr"] for name in names}
+    wds = {name: cfg[f"{name}_wd"] for name in names}
+    optimizer = torch.optim.AdamW(group_parameters(model, lrs, wds), betas=(cfg["beta1"], cfg["beta2"]), eps=1e-8)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"model {cfg['model']} | {n_params:,} parameters, {n_train:,} trainable | image mode {image_mode} | "
+           f"groups: {', '.join(g['name'] for g in optimizer.param_groups)}")
+
+    # ---- data
+    records = load_records(cfg["data"], cfg["strict"])
+    val_records = load_records(cfg["val_data"], cfg["strict"]) if cfg["val_data"] else records
+    texts = load_conversations(cfg["text_data"]) if cfg["text_data"] and cfg["text_ratio"] > 0 else None
+    max_tokens = model.config.sequence_len + 1
+    examples_per_micro = cfg["device_batch_size"] * world_size
+    assert cfg["total_batch_size"] % examples_per_micro == 0, \
+        f"total_batch_size {cfg['total_batch_size']} must be a multiple of device_batch_size x world size = {examples_per_micro}"
+    grad_accum = cfg["total_batch_size"] // examples_per_micro
+    print0(f"{len(records):,} training records, {len(val_records):,} validation records | "
+           f"{cfg['total_batch_size']} examples per step = {cfg['device_batch_size']} x {world_size} ranks x "
+           f"{grad_accum} accumulation")
+
+    start_step, loader_state, loop_state = 0, None, {}
+    if resume_step is not None:
+        _, optim_data, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
+        optimizer.load_state_dict(optim_data["optimizer"])
+        torch.set_rng_state(optim_data["rng"])
+        start_step, loader_state, loop_state = resume_step, meta["loader_state"], meta["loop_state"]
+    elif master:
+        tokenizer.save(os.path.join(checkpoint_dir, "tokenizer"))  # the checkpoint dir is self-contained
+
+    loader = vision_batches(records, tokenizer, cfg["device_batch_size"], max_tokens, image_mode, device,
+                            seed=cfg["seed"], rank=rank, world_size=world_size, texts=texts,
+                            text_ratio=cfg["text_ratio"], resume_state=loader_state, strict=cfg["strict"])
+    # text-only batches leave the encoder without gradients: DDP must then be told to expect unused parameters
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                      find_unused_parameters=texts is not None) if ddp else model
+
+    gpt_flops, encoder_flops = model.estimate_flops(model.config.sequence_len, resolve_mode(image_mode).global_size)
+    flops_peak = peak_flops(device)
+    num_iterations = cfg["num_iterations"]
+    smooth_loss = loop_state.get("smooth_loss", 0.0)
+    total_time = loop_state.get("total_time", 0.0)
+    bad_steps = 0
+    metrics = {}
+    step = start_step
+    batch = next(loader)
+    consumed_state = loader_state
+
+    while True:
+        last_step = step == num_iterations
+        if last_step or (cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0 and step > start_step):
+            metrics = evaluate(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step)
+            logger.log({"step": step, **metrics})
+        if last_step or (cfg["save_every"] > 0 and step % cfg["save_every"] == 0 and step > start_step):
+            meta = dict(model_meta(model), image_mode=image_mode, tokenizer_dir="tokenizer", user_config=cfg,
+                        loader_state=consumed_state, metrics=metrics,
+                        loop_state={"smooth_loss": smooth_loss, "total_time": total_time})
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), meta,
+                            {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, rank)
+            print0(f"saved {checkpoint_dir} step {step}")
+        if last_step:
+            break
+
+        # ---- one optimizer step
+        synchronize()
+        t0 = time.time()
+        tokens, n_images, loss_sum = 0, 0, 0.0
+        for micro in range(grad_accum):
+            inputs, targets, images, consumed_state = batch
+            sync = not ddp or micro == grad_accum - 1  # DDP all-reduces only on the last micro-batch
+            with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast:
+                loss = train_model(inputs, images=images, targets=targets)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+            tokens += inputs.numel()
+            n_images += len(images)
+            batch = next(loader)
+        train_loss = loss_sum / grad_accum
+        if ddp:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        lrm = lr_multiplier(step, num_iterations, cfg["warmup_ratio"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
+        if not torch.isfinite(train_loss):
+            # a NaN/inf step is skipped, not applied; several in a row mean the run has diverged
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            print0(f"step {step:05d} | loss {train_loss.item()} is not finite: step skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg["max_bad_steps"]:
+                raise SystemExit(f"{bad_steps} non-finite losses in a row: stopping")
+            step += 1
+            continue
+        bad_steps = 0
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        dt = time.time() - t0
+
+        # ---- log in nanochat's shape
+        train_loss = train_loss.item()
+        beta = 0.9
+        smooth_loss = beta * smooth_loss + (1 - beta) * train_loss
+        debiased = smooth_loss / (1 - beta ** (step + 1))
+        if step - start_step > 2:
+            total_time += dt  # the first steps warm up the allocator and threads
+        tokens *= world_size
+        n_images *= world_size
+        tok_per_sec = int(tokens / dt)
+        flops = gpt_flops * tokens + encoder_flops * n_images
+        mfu = f"{100 * flops / dt / (flops_peak * world_size):.2f}" if flops_peak else "-"
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {debiased:.6f} | "
+               f"lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | tok/sec {tok_per_sec:,} | mfu {mfu} | "
+               f"total time {total_time / 60:.2f}m")
+        if step % 10 == 0:
+            logger.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
+                        "train/tok_per_sec": tok_per_sec})
+        step += 1
+
+    if device.type == "cuda":
+        print0(f"peak memory {torch.cuda.max_memory_allocated() / 1024 ** 2:.0f} MiB")
+    print0(f"total training time {total_time / 60:.2f}m")
+    logger.finish()
+    compute_cleanup()
+    return metrics
+
+
+def evaluate(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step):
+    """Validation loss (all ranks), then generated samples and the collapse monitor (rank 0)."""
+    model.eval()
+    max_tokens = model.config.sequence_len + 1
+    loss_sum = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    with torch.no_grad(), autocast:
+        for inputs, targets, images in eval_batches(val_records[:cfg["eval_records"]], tokenizer,
+                                                    cfg["device_batch_size"], max_tokens, image_mode, device,
+                                                    rank, world_size):
+            n = (targets != -1).sum()
+            loss_sum += model(inputs, images=images, targets=targets) * n
+            count += n
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+    metrics = {"val/loss": (loss_sum / count.clamp(min=1)).item()}
+    if rank == 0 and cfg["eval_samples"] > 0:
+        summary = summarize(evaluate_records(model, tokenizer, val_records[:cfg["eval_samples"]], image_mode,
+                                             cfg["max_new_tokens"], autocast))
+        metrics.update({"val/exact": summary["exact"], "val/cer": summary["cer"]})
+        first = summary["samples"][0]
+        print0(f"sample {first['id']}: {first['prediction'][:120]!r}")
+        images = [b for _, _, imgs in eval_batches(val_records[:8], tokenizer, 8, max_tokens, image_mode, device)
+                  for b in imgs]
+        with torch.no_grad(), autocast:
+            cos_sam, cos_proj = collapse_monitor(model.encoder, images)
+        if cos_sam is not None:
+            metrics.update({"collapse/sam": cos_sam, "collapse/projector": cos_proj})
+    line = f"Step {step:05d} | val loss {metrics['val/loss']:.4f}"
+    if "val/exact" in metrics:
+        n_scored = min(cfg["eval_samples"], len(val_records))
+        line += f" | exact {metrics['val/exact']}/{n_scored} | cer {metrics['val/cer']:.4f}"
+    if "collapse/sam" in metrics:
+        line += f" | feature cos sam {metrics['collapse/sam']:.3f} proj {metrics['collapse/projector']:.3f}"
+        if max(metrics["collapse/sam"], metrics["collapse/projector"]) > cfg["collapse_warn"]:
+            line += " | WARNING: vision features of different images are nearly identical (collapse?)"
+    print0(line)
+    model.train()
+    return metrics

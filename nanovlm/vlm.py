@@ -1,0 +1,109 @@
+"""
+The vision-language model: a GPT that reads DeepEncoder features where its prompt holds <|image|> tokens.
+
+A prompt carries N <|image|> ids per image (N = image_process.count_image_tokens for the image and mode). The
+encoder turns each image into exactly N vectors in DeepSeek-OCR's layout, and those vectors replace the token
+embeddings at the <|image|> positions, in order. The GPT then runs on the spliced embeddings (forward(embeds=)).
+"""
+
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+
+from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
+from nanovlm.gpt import GPT, GPTConfig
+
+# Model presets. "tiny" trains on a CPU in minutes; "d20" is nanochat's d20 GPT with the real DeepEncoder.
+PRESETS = {
+    "tiny": dict(gpt=dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128),
+                 encoder=dict(tiny=True), image_mode="resize:128"),
+    "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280),
+                encoder=dict(), image_mode="base"),
+}
+
+
+def preset_configs(name, vocab_size):
+    """(GPTConfig, DeepEncoderConfig, image_mode) of a preset; the projector width follows the GPT's n_embd."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset '{name}', choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    gpt_config = GPTConfig(vocab_size=vocab_size, **preset["gpt"])
+    encoder_kwargs = dict(preset["encoder"])
+    make = DeepEncoderConfig.tiny if encoder_kwargs.pop("tiny", False) else DeepEncoderConfig
+    encoder_config = make(out_dim=gpt_config.n_embd, **encoder_kwargs)
+    return gpt_config, encoder_config, preset["image_mode"]
+
+
+class VLM(nn.Module):
+    def __init__(self, gpt, encoder, image_token_id):
+        super().__init__()
+        assert encoder.config.out_dim == gpt.config.n_embd, \
+            f"encoder out_dim {encoder.config.out_dim} != GPT n_embd {gpt.config.n_embd}"
+        self.gpt = gpt
+        self.encoder = encoder
+        self.image_token_id = image_token_id
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    def get_device(self):
+        return self.gpt.get_device()
+
+    def embed(self, idx, images=None):
+        """
+        Token embeddings (B, T, n_embd) with image features spliced in.
+        images: preprocessed images (global_view, tiles, tiling) in the order their <|image|> runs appear in idx,
+        row by row: the i-th image fills the i-th run. None or [] for text only.
+        """
+        x = self.gpt.transformer.wte(idx)
+        is_image = idx == self.image_token_id
+        num_slots = int(is_image.sum())
+        if not images:
+            if num_slots:
+                raise ValueError(f"the tokens hold {num_slots} <|image|> positions but no images were given")
+            return x
+        features = torch.cat(self.encoder.encode_images(images))  # (sum of N_i, n_embd)
+        if features.size(0) != num_slots:
+            raise ValueError(f"{len(images)} image(s) give {features.size(0)} feature vectors but the tokens hold "
+                             f"{num_slots} <|image|> positions (prompt built for another image mode or size?)")
+        # masked_scatter fills the True positions in row-major order: the image order of the batch
+        return x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
+
+    def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean"):
+        """Logits (B, T, vocab) or the loss, as GPT.forward, for token ids with images spliced in."""
+        return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
+                        embeds=self.embed(idx, images))
+
+    def estimate_flops(self, seq_len, image_size):
+        """Training FLOPs per token for the GPT, plus the encoder's per image (6 x params x tokens it sees)."""
+        gpt_flops = self.gpt.estimate_flops(seq_len)
+        patches = (image_size // self.encoder.config.sam_patch_size) ** 2
+        grid = (image_size // 64) ** 2
+        encoder_params = sum(p.numel() for p in self.encoder.sam.parameters())
+        clip_params = sum(p.numel() for p in self.encoder.clip.parameters())
+        projector_params = sum(p.numel() for p in self.encoder.projector.parameters())
+        encoder_flops = 6 * (encoder_params * patches + (clip_params + projector_params) * (grid + 1))
+        return gpt_flops, encoder_flops
+
+
+def build_vlm(gpt_config, encoder_config, image_token_id, device="cpu", init=True):
+    """A fresh VLM on `device` (built on the meta device first, so no memory is spent on a throwaway init)."""
+    with torch.device("meta"):
+        gpt = GPT(gpt_config)
+        encoder = DeepEncoder(encoder_config)
+    model = VLM(gpt, encoder, image_token_id)
+    model.to_empty(device=device)
+    if init:
+        gpt.init_weights()
+        encoder.init_weights()
+    else:
+        gpt.init_rotary()
+    return model
+
+
+def model_meta(model):
+    """What a checkpoint needs to rebuild the model: both configs and the image token id."""
+    return {"model_config": asdict(model.gpt.config), "encoder_config": asdict(model.encoder.config),
+            "image_token_id": model.image_token_id}

@@ -1,0 +1,93 @@
+"""
+Read an image with a trained checkpoint; the answer streams to the terminal as it is generated.
+
+    python -m scripts.ocr --image=receipt.png
+    python -m scripts.ocr --image=page.png --prompt="<image>\n<|grounding|>OCR this image." --boxes_out=boxes.png
+
+A grounding answer (<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>, coordinates 0-999) is parsed
+into boxes in pixels; --boxes_out draws them, labelled, on the image.
+"""
+
+import os
+
+from PIL import ImageDraw
+
+from configurator import configure
+from nanovlm.checkpoint import load_vlm
+from nanovlm.common import autocast_context, compute_init, get_base_dir
+from nanovlm.engine import Engine
+from nanovlm.evaluate import prompt_ids
+from nanovlm.image_process import load_image, preprocess, resolve_mode
+from nanovlm.metrics import parse_boxes
+
+image = ""  # the image to read
+prompt = "<image>\nOCR this image."
+mode = ""  # image mode; empty = the checkpoint's
+model_tag = "vis_tok"
+checkpoint_dir = ""  # or an explicit checkpoint directory
+step = -1  # -1 = latest
+max_new_tokens = 1024
+temperature = 0.0  # 0 = greedy
+top_k = 0  # 0 = no top-k filtering
+seed = 42
+boxes_out = ""  # write the image with the parsed boxes drawn on it here
+device_type = ""
+user_config = configure(globals())
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def draw_boxes(picture, boxes, path):
+    """Boxes in 0-999 coordinates -> rectangles in pixels, each with its label."""
+    canvas = picture.copy()
+    draw = ImageDraw.Draw(canvas)
+    w, h = canvas.size
+    for label, (x1, y1, x2, y2) in boxes:
+        rect = [x1 / 999 * w, y1 / 999 * h, x2 / 999 * w, y2 / 999 * h]
+        draw.rectangle(rect, outline=(220, 30, 30), width=2)
+        draw.text((rect[0] + 2, max(0, rect[1] - 12)), label or "", fill=(220, 30, 30))
+    canvas.save(path)
+
+
+if not image:
+    fail("give an image with --image=PATH")
+if "<image>" not in prompt:
+    prompt = "<image>\n" + prompt  # the image goes first, as in every training prompt
+_, _, _, _, device = compute_init(device_type)
+try:
+    picture = load_image(image)
+    directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
+    model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
+    image_mode = mode or meta["image_mode"]
+    resolve_mode(image_mode)
+except (FileNotFoundError, ValueError) as e:
+    fail(e)
+
+global_view, tiles, tiling = preprocess(picture, image_mode)
+views = (global_view.to(device), tiles.to(device) if tiles is not None else None, tiling)
+ids = prompt_ids(tokenizer, prompt, picture, image_mode)
+engine = Engine(model, tokenizer)
+generated = []
+printed = ""
+with autocast_context(device.type):
+    for column, _ in engine.generate(ids, images=[views], max_tokens=max_new_tokens, temperature=temperature,
+                                     top_k=top_k or None, seed=seed):
+        if column[0] in engine.stop_ids:
+            break
+        generated.append(column[0])
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+print()
+
+boxes = parse_boxes(tokenizer.decode(generated))
+if boxes:
+    w, h = picture.size
+    for label, (x1, y1, x2, y2) in boxes:
+        print(f"box {label!r}: ({x1 * w / 999:.0f}, {y1 * h / 999:.0f}) - ({x2 * w / 999:.0f}, {y2 * h / 999:.0f}) px")
+if boxes_out:
+    draw_boxes(picture, boxes, boxes_out)
+    print(f"wrote {boxes_out} with {len(boxes)} boxes")

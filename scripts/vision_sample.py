@@ -1,0 +1,69 @@
+"""
+Evaluate a checkpoint on a dataset: per record the teacher-forced answer loss, then a greedy answer scored by
+exact match, CER, NED, word precision and, for grounding answers, box IoU and detection rate.
+
+    python -m scripts.vision_sample --data=data/tier1/dataset.json --model_tag=vis_tok --json=eval.json
+    torchrun --standalone --nproc_per_node=2 -m scripts.vision_sample -- --data=data/synth_val/dataset.json
+
+Under torchrun the records are split across ranks and rank 0 gathers, prints and writes the summary.
+"""
+
+import json as jsonlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from configurator import configure
+from nanovlm.checkpoint import load_vlm
+from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
+from nanovlm.dataloader import load_records
+from nanovlm.evaluate import evaluate_records, summarize
+
+data = "data/tier1/dataset.json"
+model_tag = "vis_tok"  # a run under checkpoints/
+checkpoint_dir = ""  # or an explicit checkpoint directory
+step = -1  # -1 = the latest
+mode = ""  # image mode; empty = the one the checkpoint was trained with
+max_new_tokens = 512
+limit = -1  # evaluate only the first N records
+json = ""  # write the summary here
+device_type = ""
+user_config = configure(globals())
+
+ddp, rank, local_rank, world_size, device = compute_init(device_type)
+directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
+try:
+    model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
+    records = load_records(data)
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}")
+records = records[:limit] if limit > 0 else records
+image_mode = mode or meta["image_mode"]
+print0(f"evaluating {directory} step {meta['step']} on {len(records)} records of {data} (image mode {image_mode})")
+
+samples = evaluate_records(model, tokenizer, records[rank::world_size], image_mode, max_new_tokens,
+                           autocast_context(device.type))
+if ddp:
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(samples, gathered, dst=0)
+    if rank == 0:
+        samples = [s for part in gathered for s in part]
+
+if rank == 0:
+    summary = summarize(samples)
+    print(f"{'id':<16} {'exact':>5} {'cer':>7} {'ned':>7} {'wprec':>7} {'loss':>8} {'det':>6}  prediction")
+    for s in samples:
+        det = f"{s['det_rate']:.2f}" if "det_rate" in s else "-"
+        shown = s["prediction"].replace("\n", " ")[:48]
+        print(f"{str(s['id']):<16} {'yes' if s['exact'] else 'no':>5} {s['cer']:7.4f} {s['ned']:7.4f} "
+              f"{s['word_precision']:7.4f} {s['loss']:8.4f} {det:>6}  {shown}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    print(f"exact {summary['exact']}/{summary['n']} ({summary['exact_rate']:.1%}) | cer {fmt(summary['cer'])} | "
+          f"ned {fmt(summary['ned'])} | word precision {fmt(summary['word_precision'])} | "
+          f"loss {fmt(summary['loss'])} | det rate {fmt(summary['det_rate'])} | iou {fmt(summary['iou'])}")
+    if json:
+        with open(json, "w") as f:
+            jsonlib.dump(summary, f, indent=2)
+        print(f"wrote {json}")
+compute_cleanup()

@@ -1,0 +1,90 @@
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_vlm, write_dataset
+from nanovlm.training import PARAM_GROUPS, group_parameters, lr_multiplier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANSWERS = ["alpha 12.50", "beta chart 3 4 5", "gamma sign OPEN", "delta line of text"]
+FAST = ["--num_iterations=8", "--device_batch_size=2", "--total_batch_size=4", "--eval_every=-1",
+        "--eval_samples=1", "--max_new_tokens=4", "--warmup_ratio=0.0"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tokenizer):
+    base = tmp_path_factory.mktemp("base")
+    tokenizer.save(str(base / "tokenizer"))
+    data = write_dataset(str(base / "data"), ANSWERS)
+    return base, data
+
+
+def run_script(base, *args, torchrun=False):
+    env = dict(os.environ, NANOVLM_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+    launcher = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
+                "-m"] if torchrun else [sys.executable, "-m"]
+    out = subprocess.run(launcher + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def losses(stdout):
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step (\d+)/\d+ .*?\| loss ([\d.]+)", stdout)}
+
+
+def test_stage1_lowers_the_loss_and_resume_reproduces_it(workspace):
+    base, data = workspace
+    args = ["scripts.vis_tok_train", f"--data={data}", "--model_tag=t1", "--save_every=4"] + FAST
+    full = losses(run_script(base, *args))
+    assert sorted(full) == list(range(8)) and full[7] < full[0]
+    # kill after step 4's save: drop everything later, then resume
+    for name in os.listdir(base / "t1"):
+        if "000008" in name:
+            os.remove(base / "t1" / name)
+    resumed = losses(run_script(base, *args, "--resume=True"))
+    assert sorted(resumed) == [4, 5, 6, 7]
+    assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
+
+
+def test_stage2_freezes_sam_and_mixes_text(workspace, tmp_path):
+    base, data = workspace
+    run_script(base, "scripts.vis_tok_train", f"--data={data}", "--model_tag=s1", *FAST)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]\n')
+    out = run_script(base, "scripts.vis_mid_train", f"--data={data}", "--start_from=s1", "--model_tag=s2",
+                     f"--text_data={texts}", "--text_ratio=0.3", *FAST)
+    assert "groups: clip, projector, gpt_matrices, embeddings, lm_head" in out
+    steps = losses(out)
+    assert steps[7] < steps[0]
+
+
+def test_torchrun_two_ranks_on_cpu(workspace):
+    base, data = workspace
+    out = run_script(base, "scripts.vis_tok_train", f"--data={data}", "--model_tag=ddp", *FAST, torchrun=True)
+    assert "world size 2" in out and len(losses(out)) == 8
+    assert os.path.exists(base / "ddp" / "optim_000008_rank1.pt")
+
+
+def test_every_trainable_parameter_has_exactly_one_group(tokenizer):
+    model = tiny_vlm(tokenizer)
+    names = [g for g, _ in PARAM_GROUPS]
+    groups = group_parameters(model, {n: 1e-3 for n in names}, {n: 0.0 for n in names})
+    assert [g["name"] for g in groups] == ["sam", "compressor", "clip", "projector", "gpt_matrices", "embeddings",
+                                           "lm_head"]
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
+    assert not model.encoder.clip.embeddings.patch_embedding.weight.requires_grad  # never handed to AdamW
+    model.encoder.stray = torch.nn.Parameter(torch.zeros(3))  # a new module nobody gave a group
+    with pytest.raises(SystemExit, match="encoder.stray \\(no group\\)"):
+        group_parameters(model, {n: 1e-3 for n in names}, {n: 0.0 for n in names})
+
+
+def test_lr_schedule():
+    values = [lr_multiplier(s, 100, 0.1, 0.2, 0.0) for s in range(101)]
+    assert values[0] == 0.1 and values[9] == 1.0 and values[50] == 1.0 and values[80] == 1.0
+    assert values[100] == 0.0 and 0 < values[90] < 1
