@@ -155,10 +155,12 @@ def rel_pos_attention_folded(q, k, v, rel_h, rel_w, H, W):
     key_pos = torch.cat([onehot_y, onehot_x], dim=1).expand(B, nh, HW, H + W)
     q = torch.cat([q, rel_h.to(q.dtype) / scale, rel_w.to(q.dtype) / scale], dim=-1)  # (B, nh, HW, hd + H + W)
     k = torch.cat([k, key_pos], dim=-1)
-    # zero channels up to a multiple of 8, the alignment CUDA's memory-efficient kernel asks of bf16 inputs
-    pad = -q.shape[-1] % 8
-    q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # zero channels up to a multiple of 8 (the alignment fused CUDA kernels ask of bf16), and v padded to the same
+    # width: the fused kernels (flash on CPU and CUDA) want one head dim for q, k and v, and without them SDPA
+    # falls back to the plain path that materialises the (HW, HW) attention matrix, the very thing avoided here
+    width = q.shape[-1] + (-q.shape[-1] % 8)
+    q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :hd]
 
 
 class SamAttention(nn.Module):
