@@ -17,7 +17,7 @@ from nanovlm.gpt import GPT, GPTConfig
 # Model presets. "tiny" trains on a CPU in minutes; "d20" is nanochat's d20 GPT with the real DeepEncoder.
 PRESETS = {
     "tiny": dict(gpt=dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128),
-                 encoder=dict(tiny=True), image_mode="resize:128"),
+                 encoder=dict(tiny=True), image_mode="resize:256"),
     "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280),
                 encoder=dict(), image_mode="base"),
 }

@@ -20,7 +20,7 @@ seed = 0
 resume = False  # continue from the last checkpoint in checkpoints/<model_tag>
 # model
 model = "tiny"  # preset: tiny (CPU) or d20 (nanochat d20 + the real DeepEncoder)
-image_mode = ""  # empty = the preset's (tiny: resize:128, d20: base)
+image_mode = ""  # empty = the preset's (tiny: resize:256, d20: base)
 start_from = ""  # a nanovlm checkpoint dir (or model_tag) to start from: weights only, new optimizer
 init_from = ""  # a nanochat checkpoint dir for the GPT (then resize_vocab for our special tokens)
 nanochat_tokenizer = ""  # with init_from: the nanochat tokenizer dir

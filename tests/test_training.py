@@ -13,7 +13,7 @@ from nanovlm.training import PARAM_GROUPS, group_parameters, lr_multiplier
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWERS = ["alpha 12.50", "beta chart 3 4 5", "gamma sign OPEN", "delta line of text"]
 FAST = ["--num_iterations=8", "--device_batch_size=2", "--total_batch_size=4", "--eval_every=-1",
-        "--eval_samples=1", "--max_new_tokens=4", "--warmup_ratio=0.0"]
+        "--eval_samples=1", "--max_new_tokens=4", "--warmup_ratio=0.0", "--image_mode=resize:128"]
 
 
 @pytest.fixture(scope="module")
