@@ -1,0 +1,75 @@
+"""The user-facing commands, end to end on a random tiny checkpoint: eval table + JSON, OCR streaming, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_vlm, write_dataset
+from nanovlm.checkpoint import save_checkpoint
+from nanovlm.vlm import model_meta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    base = tmp_path_factory.mktemp("base")
+    model = tiny_vlm(tokenizer)
+    directory = base / "rand"
+    tokenizer.save(str(directory / "tokenizer"))
+    save_checkpoint(str(directory), 3, model.state_dict(),
+                    dict(model_meta(model), image_mode="resize:128", tokenizer_dir="tokenizer"))
+    answers = ["TOTAL 12.00", "<|ref|>word<|/ref|><|det|>[[10, 20, 300, 400]]<|/det|>"]
+    data = write_dataset(str(base / "data"), answers)
+    return base, data
+
+
+def run(base, *args):
+    env = dict(os.environ, NANOVLM_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_vision_sample_writes_every_field(checkpoint, tmp_path):
+    base, data = checkpoint
+    out_json = tmp_path / "eval.json"
+    out = run(base, "scripts.vision_sample", f"--data={data}", "--model_tag=rand", "--max_new_tokens=6",
+              f"--json={out_json}")
+    assert out.returncode == 0, out.stderr
+    assert "exact 0/2" in out.stdout and "r1" in out.stdout
+    summary = json.loads(out_json.read_text())
+    for key in ["n", "exact", "exact_rate", "cer", "ned", "word_precision", "loss", "det_rate", "samples"]:
+        assert key in summary, key
+    assert summary["n"] == 2 and summary["det_rate"] == 0.0  # the random model finds no box
+    assert set(summary["samples"][1]) >= {"id", "prediction", "reference", "loss", "exact", "cer", "det_rate", "iou"}
+    assert "det_rate" not in summary["samples"][0]  # a plain-text answer has no box measures
+
+
+def test_ocr_streams_an_answer_and_draws_boxes(checkpoint, tmp_path):
+    base, data = checkpoint
+    image = os.path.join(os.path.dirname(data), "images", "0.png")
+    boxes = tmp_path / "boxes.png"
+    out = run(base, "scripts.ocr", f"--image={image}", "--model_tag=rand", "--max_new_tokens=5",
+              f"--boxes_out={boxes}")
+    assert out.returncode == 0, out.stderr
+    assert boxes.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image=/nowhere/x.png"], "does not exist"),
+    (["--mode=huge"], "unknown image mode"),
+    (["--model_tag=empty"], "no checkpoint in"),
+    ([], "give an image"),
+])
+def test_ocr_bad_input_is_one_clear_error(checkpoint, args, message):
+    base, data = checkpoint
+    os.makedirs(base / "empty", exist_ok=True)
+    image = os.path.join(os.path.dirname(data), "images", "0.png")
+    defaults = [f"--image={image}", "--model_tag=rand"] if args != [] else []
+    given = {a.split("=")[0] for a in args}
+    out = run(base, "scripts.ocr", *[a for a in defaults if a.split("=")[0] not in given], *args)
+    assert out.returncode != 0
+    assert message in out.stderr and "Traceback" not in out.stderr
