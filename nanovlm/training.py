@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanovlm.checkpoint import find_last_step, load_checkpoint, load_nanochat, load_vlm, save_checkpoint
+from nanovlm.checkpoint import (find_last_step, load_checkpoint, load_deepseek_ocr_vision, load_hf_clip, load_hf_sam,
+                                load_nanochat, load_vlm, save_checkpoint)
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import eval_batches, load_conversations, load_records, vision_batches
 from nanovlm.evaluate import evaluate_records, summarize
@@ -134,9 +135,14 @@ def build_model(cfg, device):
     if gpt is not None:
         model.gpt.load_state_dict(gpt.state_dict())
     if cfg["vision_from"]:
-        from nanovlm.checkpoint import load_deepseek_ocr_vision
-        encoder = load_deepseek_ocr_vision(cfg["vision_from"], encoder_config)
+        # the projector maps to DeepSeek-OCR's LM width (1280); for another n_embd only the towers carry over
+        towers_only = encoder_config.out_dim != 1280
+        encoder = load_deepseek_ocr_vision(cfg["vision_from"], encoder_config, device=device, towers_only=towers_only)
         model.encoder.load_state_dict(encoder.state_dict())
+    if cfg["sam_from"]:
+        load_hf_sam(cfg["sam_from"], model.encoder)
+    if cfg["clip_from"]:
+        load_hf_clip(cfg["clip_from"], model.encoder)
     return model, tokenizer, cfg["image_mode"] or image_mode
 
 

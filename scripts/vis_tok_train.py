@@ -25,6 +25,8 @@ start_from = ""  # a nanovlm checkpoint dir (or model_tag) to start from: weight
 init_from = ""  # a nanochat checkpoint dir for the GPT (then resize_vocab for our special tokens)
 nanochat_tokenizer = ""  # with init_from: the nanochat tokenizer dir
 vision_from = ""  # a DeepSeek-OCR safetensors file/dir for the encoder
+sam_from = ""  # a Hugging Face SAM (SamModel / SamVisionEncoder) safetensors file for the SAM tower
+clip_from = ""  # a Hugging Face CLIPVisionModel safetensors file for the CLIP tower
 tokenizer_dir = ""  # empty = checkpoints/tokenizer
 grad_checkpointing = False
 freeze_sam = False

@@ -88,3 +88,28 @@ def test_lr_schedule():
     values = [lr_multiplier(s, 100, 0.1, 0.2, 0.0) for s in range(101)]
     assert values[0] == 0.1 and values[9] == 1.0 and values[50] == 1.0 and values[80] == 1.0
     assert values[100] == 0.0 and 0 < values[90] < 1
+
+
+def test_stage1_from_a_nanochat_checkpoint(workspace, tokenizer, tmp_path):
+    """--init_from: a GPT in nanochat's layout + its pickled tokenizer become the VLM's language model."""
+    import json
+    import pickle
+
+    from nanovlm.gpt import GPT, GPTConfig
+    from nanovlm.tokenizer import NANOCHAT_SPECIAL_TOKENS, SPLIT_PATTERN, build_encoding
+    base, data = workspace
+    enc = build_encoding(SPLIT_PATTERN, tokenizer.enc._mergeable_ranks, NANOCHAT_SPECIAL_TOKENS)
+    (tmp_path / "tok").mkdir()
+    with open(tmp_path / "tok" / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    config = GPTConfig(sequence_len=256, vocab_size=enc.n_vocab, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    gpt = GPT(config)
+    gpt.init_weights()
+    (tmp_path / "ckpt").mkdir()
+    torch.save(gpt.state_dict(), tmp_path / "ckpt" / "model_000010.pt")
+    (tmp_path / "ckpt" / "meta_000010.json").write_text(json.dumps({"step": 10, "model_config": vars(config)}))
+    out = run_script(base, "scripts.vis_tok_train", f"--data={data}", "--model_tag=fromnano",
+                     f"--init_from={tmp_path / 'ckpt'}", f"--nanochat_tokenizer={tmp_path / 'tok'}", *FAST)
+    assert len(losses(out)) == 8
+    meta = json.loads((base / "fromnano" / "meta_000008.json").read_text())
+    assert meta["model_config"]["vocab_size"] == enc.n_vocab + 6 and meta["encoder_config"]["out_dim"] == 64
