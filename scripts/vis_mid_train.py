@@ -1,68 +1,25 @@
 """
-Stage 2: SAM and the 16x compressor are frozen; CLIP, the projector and the GPT go on training, with text-only
-conversations mixed in so the GPT keeps its language (DeepSeek-OCR's second stage).
+Stage 2: SAM and the 16x compressor are frozen; CLIP, the projector and the GPT go on training from the stage-1
+weights, with text-only conversations mixed in so the GPT keeps its language (DeepSeek-OCR's second stage).
 
-    python -m scripts.vis_mid_train                                     # tiny model, tier-1 data, CPU
-    python -m scripts.vis_mid_train --data=data/synth_train/dataset.json --val_data=data/synth_val/dataset.json
-    torchrun --standalone --nproc_per_node=8 -m scripts.vis_mid_train -- --model=d20 --init_from=PATH --run=ocr
+    python -m scripts.vis_mid_train --text_data=chats.jsonl                    # continues checkpoints/vis_tok
+    python -m scripts.vis_mid_train --start_from=ocr1 --data=data/synth_train/dataset.json --model_tag=ocr1_mid
+    torchrun --standalone --nproc_per_node=8 -m scripts.vis_mid_train -- --model=d20 --run=ocr_mid
 
-Hyperparameters are the variables below; override any of them with --key=value (see configurator.py).
-total_batch_size counts examples (records) per optimizer step.
+It is scripts/vis_tok_train.py (same loop, same variables and flags) with the stage-2 defaults below; any
+--key=value given here overrides them.
 """
 
-from configurator import configure
-from nanovlm.training import train
+import runpy
+import sys
 
-# run
-run = "dummy"  # wandb run name; "dummy" logs nothing
-model_tag = "vis_mid"  # checkpoints go to checkpoints/<model_tag>
-device_type = ""  # cuda|mps|cpu, empty = autodetect
-seed = 0
-resume = False  # continue from the last checkpoint in checkpoints/<model_tag>
-# model
-model = "tiny"  # preset: tiny (CPU) or d20 (nanochat d20 + the real DeepEncoder)
-image_mode = ""  # empty = the preset's (tiny: resize:256, d20: base)
-start_from = "vis_tok"  # a nanovlm checkpoint dir (or model_tag) to start from: weights only, new optimizer
-init_from = ""  # a nanochat checkpoint dir for the GPT (then resize_vocab for our special tokens)
-nanochat_tokenizer = ""  # with init_from: the nanochat tokenizer dir
-vision_from = ""  # a DeepSeek-OCR safetensors file/dir for the encoder
-sam_from = ""  # a Hugging Face SAM (SamModel / SamVisionEncoder) safetensors file for the SAM tower
-clip_from = ""  # a Hugging Face CLIPVisionModel safetensors file for the CLIP tower
-tokenizer_dir = ""  # empty = checkpoints/tokenizer
-grad_checkpointing = False
-freeze_sam = True
-freeze_compressor = True
-# data
-data = "data/tier1/dataset.json"
-val_data = ""  # empty = evaluate on the training data
-text_data = ""  # JSONL of text-only conversations to mix in
-text_ratio = 0.2  # fraction of samples drawn from text_data
-strict = False  # stop at the first bad record instead of skipping it
-# optimization
-num_iterations = 300
-device_batch_size = 10
-total_batch_size = 10
-sam_lr, sam_wd = 1e-3, 0.0
-compressor_lr, compressor_wd = 1e-3, 0.0
-clip_lr, clip_wd = 1e-3, 0.0
-projector_lr, projector_wd = 1e-3, 0.0
-gpt_matrices_lr, gpt_matrices_wd = 3e-3, 0.0
-embeddings_lr, embeddings_wd = 3e-3, 0.0
-lm_head_lr, lm_head_wd = 3e-3, 0.0
-lora_lr, lora_wd = 1e-3, 0.0
-beta1, beta2 = 0.9, 0.95
-grad_clip = 1.0
-warmup_ratio = 0.05
-warmdown_ratio = 0.3
-final_lr_frac = 0.0
-max_bad_steps = 5  # stop after this many non-finite losses in a row
-# evaluation and checkpoints
-eval_every = 100
-eval_records = 64  # records for the validation loss
-eval_samples = 4  # records answered greedily and scored at each eval
-max_new_tokens = 256
-collapse_warn = 0.995  # warn when pooled features of different images are this similar
-save_every = -1  # -1 = only at the end
-user_config = configure(globals())
+STAGE2_DEFAULTS = [
+    "--model_tag=vis_mid",
+    "--start_from=vis_tok",  # the stage-1 run: its weights, tokenizer and image mode
+    "--freeze_sam=True",
+    "--freeze_compressor=True",
+    "--text_ratio=0.2",  # used when --text_data is given
+]
 
-train(user_config)
+sys.argv[1:1] = STAGE2_DEFAULTS  # the user's own arguments come after, so they win
+runpy.run_module("scripts.vis_tok_train", run_name="__main__")
