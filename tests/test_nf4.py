@@ -28,6 +28,15 @@ BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 MAX_HALF_GAP = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:])) / 2  # worst rounding, in units of absmax
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matmuls on one thread: on a busy 2-core machine two threads wait on each other up to 100x longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load(path):
     return torch.load(path, weights_only=True)
 
