@@ -168,12 +168,12 @@ def unmerge_lora(model):
 # Adapter-only checkpoints
 
 def lora_state_dict(model):
-    """The adapter tensors only: `<name>.lora_A.weight` and `<name>.lora_B.weight` per wrapped module."""
+    """The adapter tensors only (detached, sharing storage): `<name>.lora_A.weight`, `<name>.lora_B.weight`."""
     tensors = {}
     for name, layer in lora_layers(model):
         prefix = f"{name}." if name else ""
-        tensors[prefix + "lora_A.weight"] = layer.lora_A.weight
-        tensors[prefix + "lora_B.weight"] = layer.lora_B.weight
+        tensors[prefix + "lora_A.weight"] = layer.lora_A.weight.detach()
+        tensors[prefix + "lora_B.weight"] = layer.lora_B.weight.detach()
     return tensors
 
 
@@ -218,8 +218,11 @@ def load_adapter(model, path):
         raise ValueError(f"{path} holds no tensors: not a usable adapter (was it saved before apply_lora?)")
     if not lora_layers(model):
         for name, cfg in configs.items():
-            replace_module(model, name, LoRALinear(model.get_submodule(name), cfg["r"], cfg["alpha"],
-                                                   cfg["dropout"], cfg["rslora"]))
+            try:
+                base = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"adapter {path} was trained on a module '{name}' that this model does not have")
+            replace_module(model, name, LoRALinear(base, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["rslora"]))
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -73,7 +73,7 @@ def dynamic_map_8bit(device=None):
 
 def blockwise(x, blocksize):
     """A flat fp32 tensor as (nblocks, blocksize), zero-padded: zeros change no absmax."""
-    nblocks = math.ceil(x.numel() / blocksize)
+    nblocks = (x.numel() + blocksize - 1) // blocksize  # integer ops: sizes are symbolic under torch.compile
     pad = nblocks * blocksize - x.numel()
     return (F.pad(x, (0, pad)) if pad else x).view(nblocks, blocksize)
 
@@ -149,6 +149,8 @@ def dequantize_flat_fast(*args, **kwargs):
             # dynamic shapes: one kernel for every layer size, instead of a recompile (and soon a cache miss) each
             _compiled_dequantize = torch.compile(dequantize_flat, dynamic=True)
         return _compiled_dequantize(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not a compiler problem: the plain path would need even more memory
     except Exception as e:  # no torch.compile / triton / compiler here: stay correct, just slower
         warnings.warn(f"compiled NF4 dequantize unavailable ({type(e).__name__}: {e}); using the plain torch path")
         FAST_DEQUANTIZE = False
