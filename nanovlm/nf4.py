@@ -144,6 +144,8 @@ _compiled_dequantize = None
 def dequantize_flat_fast(*args, **kwargs):
     """dequantize_flat as one fused generated kernel (unpack, lookup, scale, cast); the plain path if unavailable."""
     global _compiled_dequantize, FAST_DEQUANTIZE
+    if not FAST_DEQUANTIZE or torch.compiler.is_compiling():  # off, or inside a compiled model that fuses it anyway
+        return dequantize_flat(*args, **kwargs)
     try:
         if _compiled_dequantize is None:
             # dynamic shapes: one kernel for every layer size, instead of a recompile (and soon a cache miss) each
