@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from nanovlm.common import atomic_write
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 from nanovlm.gpt import GPT, GPTConfig
+from nanovlm.lora import apply_lora, load_adapter, prepare_for_kbit_training, save_adapter
+from nanovlm.nf4 import quantize_model
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import build_vlm
 
@@ -69,20 +71,29 @@ def optim_path(checkpoint_dir, step, rank):
     return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
 
 
-def save_checkpoint(checkpoint_dir, step, model_state, meta, optimizer_state=None, rank=0):
+def adapter_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"adapter_{step:06d}.safetensors")
+
+
+def save_checkpoint(checkpoint_dir, step, model_state, meta, optimizer_state=None, rank=0, adapter_model=None):
     """
     Save one step. Every rank calls it: rank 0 writes the weights and the meta, every rank its optimizer shard.
-    The meta is written last, so a step whose meta exists is complete.
+    With adapter_model (a LoRA run) only its adapters are written, and meta["adapter"] names the base they apply
+    to. The meta is written last, so a step whose meta exists is complete.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
     if optimizer_state is not None:
         atomic_write(optim_path(checkpoint_dir, step, rank), lambda tmp: torch.save(optimizer_state, tmp))
-    if rank == 0:
+    if rank != 0:
+        return
+    if adapter_model is not None:
+        save_adapter(adapter_model, adapter_path(checkpoint_dir, step), meta={"step": step})
+    else:
         # safetensors wants contiguous tensors that do not share memory
         tensors = {k: v.detach().contiguous() for k, v in model_state.items()}
         atomic_write(model_path(checkpoint_dir, step), lambda tmp: save_file(tensors, tmp))
-        meta = dict(meta, step=step)
-        atomic_write(meta_path(checkpoint_dir, step), json.dumps(meta, indent=2).encode())
+    meta = dict(meta, step=step)
+    atomic_write(meta_path(checkpoint_dir, step), json.dumps(meta, indent=2).encode())
 
 
 def find_last_step(checkpoint_dir, pattern=r"meta_(\d{6})\.json"):
@@ -119,7 +130,8 @@ def load_checkpoint(checkpoint_dir, step=None, device="cpu", load_optimizer=Fals
     if step is None:
         step = find_last_step(checkpoint_dir)
     meta = read_meta(meta_path(checkpoint_dir, step))
-    model_state = read_safetensors(model_path(checkpoint_dir, step), device)
+    # an adapter checkpoint holds no full weights: load_vlm rebuilds its base
+    model_state = None if "adapter" in meta else read_safetensors(model_path(checkpoint_dir, step), device)
     optimizer_state = None
     if load_optimizer:
         path = optim_path(checkpoint_dir, step, rank)
@@ -130,10 +142,20 @@ def load_checkpoint(checkpoint_dir, step=None, device="cpu", load_optimizer=Fals
 
 
 def load_vlm(checkpoint_dir, step=None, device="cpu"):
-    """(VLM, tokenizer, meta) from one of our checkpoint directories, by default its latest step."""
+    """
+    (VLM, tokenizer, meta) from one of our checkpoint directories, by default its latest step. An adapter
+    checkpoint (a LoRA / QLoRA run) is its base checkpoint, quantized and wrapped as it was trained, plus the
+    adapter file.
+    """
     if step is None:
         step = find_last_step(checkpoint_dir)
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    if "adapter" in meta:
+        adapter = meta["adapter"]
+        model, tokenizer, _ = load_vlm(adapter["base_dir"], adapter["base_step"], device)
+        prepare_adapters(model, adapter["config"])
+        load_adapter(model, adapter_path(checkpoint_dir, step))
+        return model.eval(), tokenizer, meta
     for key in ("model_config", "encoder_config", "image_token_id"):
         if key not in meta:
             raise ValueError(f"{meta_path(checkpoint_dir, step)}: not a nanovlm model checkpoint (no {key})")
@@ -146,6 +168,31 @@ def load_vlm(checkpoint_dir, step=None, device="cpu"):
     tokenizer = Tokenizer.from_directory(os.path.join(checkpoint_dir, meta.get("tokenizer_dir", "tokenizer")))
     model.eval()
     return model, tokenizer, meta
+
+
+# ---- 4-bit base + LoRA adapters
+
+ADAPTER_KEYS = ("quant", "double_quant", "quant_targets", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def prepare_adapters(model, config, training=False, grad_checkpointing=False):
+    """
+    Turn a full-precision model into the one an adapter run trains: the quant_targets Linears held in NF4
+    (quant="nf4"), then LoRA adapters on the lora_targets Linears (lora_r > 0), everything else frozen.
+    config holds ADAPTER_KEYS. training=True also readies the model for k-bit training (input grads, checkpointing).
+    """
+    if config["quant"] not in ("", "nf4"):
+        raise ValueError(f"quant must be '' or 'nf4', got {config['quant']!r}")
+    if config["quant"] and config["lora_r"] <= 0:
+        raise ValueError("a 4-bit base is frozen: give LoRA adapters to train (--lora_r=16)")
+    if config["quant"]:
+        quantize_model(model, include=config["quant_targets"], double_quant=config["double_quant"])
+    if training:
+        prepare_for_kbit_training(model, gradient_checkpointing=grad_checkpointing, upcast=True)
+    if config["lora_r"] > 0:
+        apply_lora(model, config["lora_targets"], r=config["lora_r"], alpha=config["lora_alpha"],
+                   dropout=config["lora_dropout"])
+    return model
 
 
 # ---- nanochat GPT checkpoints

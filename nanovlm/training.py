@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanovlm.checkpoint import (find_last_step, load_checkpoint, load_deepseek_ocr_vision, load_hf_clip, load_hf_sam,
-                                load_nanochat, load_vlm, save_checkpoint)
+from nanovlm.checkpoint import (ADAPTER_KEYS, adapter_path, find_last_step, load_checkpoint,
+                                load_deepseek_ocr_vision, load_hf_clip, load_hf_sam, load_nanochat, load_vlm,
+                                meta_path, prepare_adapters, read_meta, save_checkpoint)
+from nanovlm.lora import load_adapter
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import eval_batches, load_conversations, load_records, vision_batches
 from nanovlm.evaluate import evaluate_records, summarize
@@ -113,13 +115,18 @@ def peak_flops(device):
 
 
 def build_model(cfg, device):
-    """(model, tokenizer, image_mode) for a fresh run: a preset, optionally initialised from other weights."""
+    """
+    (model, tokenizer, image_mode, base) for a fresh run: a preset, optionally initialised from other weights.
+    base = (checkpoint dir, step) when the weights come from one of our checkpoints, else None.
+    """
     if cfg["start_from"]:
         # a previous nanovlm run (e.g. stage 1 for stage 2): its weights, tokenizer and image mode
         path = cfg["start_from"] if os.path.isdir(cfg["start_from"]) else os.path.join(get_base_dir(), cfg["start_from"])
         model, tokenizer, meta = load_vlm(path, device=device)
         print0(f"starting from {path} step {meta['step']}")
-        return model, tokenizer, cfg["image_mode"] or meta["image_mode"]
+        if "adapter" in meta:
+            raise SystemExit(f"--start_from={path} is an adapter run: merge it into a full checkpoint first")
+        return model, tokenizer, cfg["image_mode"] or meta["image_mode"], (os.path.abspath(path), meta["step"])
     if cfg["init_from"]:
         gpt, _ = load_nanochat(cfg["init_from"], device=device)
         tokenizer = load_nanochat_tokenizer(cfg["nanochat_tokenizer"])
@@ -143,7 +150,40 @@ def build_model(cfg, device):
         load_hf_sam(cfg["sam_from"], model.encoder)
     if cfg["clip_from"]:
         load_hf_clip(cfg["clip_from"], model.encoder)
-    return model, tokenizer, cfg["image_mode"] or image_mode
+    return model, tokenizer, cfg["image_mode"] or image_mode, None
+
+
+def setup_model(cfg, checkpoint_dir, device, master):
+    """
+    (model, tokenizer, image_mode, resume_step, adapter) ready to train: fresh, or the last checkpoint of this run
+    when cfg["resume"]. For an adapter run (LoRA / QLoRA) the full-precision base is saved once (unless it is
+    already a checkpoint) and adapter = {"config", "base_dir", "base_step"} goes into every meta.
+    """
+    adapter_config = {k: cfg[k] for k in ADAPTER_KEYS}
+    if cfg["resume"]:
+        step = find_last_step(checkpoint_dir)
+        meta = read_meta(meta_path(checkpoint_dir, step))
+        print0(f"resuming {checkpoint_dir} from step {step}")
+        adapter = meta.get("adapter")
+        if adapter is None:
+            model, tokenizer, _ = load_vlm(checkpoint_dir, step, device=device)
+            return model, tokenizer, meta["image_mode"], step, None
+        model, tokenizer, _ = load_vlm(adapter["base_dir"], adapter["base_step"], device=device)
+        prepare_adapters(model, adapter["config"], training=True, grad_checkpointing=cfg["grad_checkpointing"])
+        load_adapter(model, adapter_path(checkpoint_dir, step))
+        return model, tokenizer, meta["image_mode"], step, adapter
+
+    model, tokenizer, image_mode, base = build_model(cfg, device)
+    if not (cfg["quant"] or cfg["lora_r"] > 0):
+        return model, tokenizer, image_mode, None, None
+    if base is None:
+        # adapters are saved alone, so their base must be on disk: keep this run's starting weights once
+        base = (os.path.join(checkpoint_dir, "base"), 0)
+        if master:
+            save_checkpoint(base[0], 0, model.state_dict(), dict(model_meta(model), image_mode=image_mode))
+            tokenizer.save(os.path.join(base[0], "tokenizer"))
+    prepare_adapters(model, adapter_config, training=True, grad_checkpointing=cfg["grad_checkpointing"])
+    return model, tokenizer, image_mode, None, {"config": adapter_config, "base_dir": base[0], "base_step": base[1]}
 
 
 def train(cfg):
@@ -155,14 +195,7 @@ def train(cfg):
     logger = get_wandb(cfg["run"], "nanovlm", cfg, rank)
 
     # ---- model, tokenizer, optimizer; or all of it from the last checkpoint
-    resume_step = None
-    if cfg["resume"]:
-        resume_step = find_last_step(checkpoint_dir)
-        model, tokenizer, meta = load_vlm(checkpoint_dir, resume_step, device=device)
-        image_mode = meta["image_mode"]
-        print0(f"resuming {checkpoint_dir} from step {resume_step}")
-    else:
-        model, tokenizer, image_mode = build_model(cfg, device)
+    model, tokenizer, image_mode, resume_step, adapter = setup_model(cfg, checkpoint_dir, device, master)
     freeze(model, cfg)
     model.encoder.gradient_checkpointing = cfg["grad_checkpointing"]
     model.gpt.gradient_checkpointing = cfg["grad_checkpointing"]
@@ -227,8 +260,12 @@ def train(cfg):
             meta = dict(model_meta(model), image_mode=image_mode, tokenizer_dir="tokenizer", user_config=cfg,
                         loader_state=consumed_state, metrics=metrics,
                         loop_state={"smooth_loss": smooth_loss, "total_time": total_time})
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), meta,
-                            {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, rank)
+            optimizer_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+            if adapter:
+                save_checkpoint(checkpoint_dir, step, None, dict(meta, adapter=adapter), optimizer_state, rank,
+                                adapter_model=model)
+            else:
+                save_checkpoint(checkpoint_dir, step, model.state_dict(), meta, optimizer_state, rank)
             print0(f"saved {checkpoint_dir} step {step}")
         if last_step:
             break

@@ -31,6 +31,14 @@ tokenizer_dir = ""  # empty = checkpoints/tokenizer
 grad_checkpointing = False
 freeze_sam = False
 freeze_compressor = False
+# fine-tuning with a frozen (optionally 4-bit) base: only LoRA adapters train, checkpoints hold only them
+quant = ""  # "nf4" holds the quant_targets Linears in 4 bits (QLoRA)
+double_quant = False  # also quantize the 4-bit blocks' scales (0.5 -> 0.127 bits per parameter)
+quant_targets = r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+"  # regex over module names; lm_head stays full precision
+lora_r = 0  # adapter rank; 0 = no adapters (full training)
+lora_alpha = 32.0
+lora_dropout = 0.05
+lora_targets = r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+"  # the GPT's Linears; add e.g. |qkv|fc1|fc2 for the towers
 # data
 data = "data/tier1/dataset.json"
 val_data = ""  # empty = evaluate on the training data
