@@ -4,7 +4,6 @@ import copy
 import glob
 import math
 import os
-import warnings
 
 import pytest
 import torch
