@@ -141,6 +141,16 @@ def load_checkpoint(checkpoint_dir, step=None, device="cpu", load_optimizer=Fals
     return model_state, optimizer_state, meta
 
 
+def configs_from_meta(meta, source):
+    """(GPTConfig, DeepEncoderConfig, image_token_id) of one of our checkpoint metas."""
+    for key in ("model_config", "encoder_config", "image_token_id"):
+        if key not in meta:
+            raise ValueError(f"{source}: not a nanovlm model checkpoint (no {key})")
+    encoder_config = dict(meta["encoder_config"])
+    encoder_config["sam_global_blocks"] = tuple(encoder_config["sam_global_blocks"])  # JSON made it a list
+    return GPTConfig(**meta["model_config"]), DeepEncoderConfig(**encoder_config), meta["image_token_id"]
+
+
 def load_vlm(checkpoint_dir, step=None, device="cpu"):
     """
     (VLM, tokenizer, meta) from one of our checkpoint directories, by default its latest step. An adapter
@@ -156,13 +166,7 @@ def load_vlm(checkpoint_dir, step=None, device="cpu"):
         prepare_adapters(model, adapter["config"])
         load_adapter(model, adapter_path(checkpoint_dir, step))
         return model.eval(), tokenizer, meta
-    for key in ("model_config", "encoder_config", "image_token_id"):
-        if key not in meta:
-            raise ValueError(f"{meta_path(checkpoint_dir, step)}: not a nanovlm model checkpoint (no {key})")
-    encoder_config = dict(meta["encoder_config"])
-    encoder_config["sam_global_blocks"] = tuple(encoder_config["sam_global_blocks"])  # JSON made it a list
-    model = build_vlm(GPTConfig(**meta["model_config"]), DeepEncoderConfig(**encoder_config),
-                      meta["image_token_id"], device=device, init=False)
+    model = build_vlm(*configs_from_meta(meta, meta_path(checkpoint_dir, step)), device=device, init=False)
     check_state_dict(expected_shapes(model), model_state, model_path(checkpoint_dir, step))
     model.load_state_dict(model_state, strict=True)
     tokenizer = Tokenizer.from_directory(os.path.join(checkpoint_dir, meta.get("tokenizer_dir", "tokenizer")))

@@ -73,3 +73,19 @@ def test_ocr_bad_input_is_one_clear_error(checkpoint, args, message):
     out = run(base, "scripts.ocr", *[a for a in defaults if a.split("=")[0] not in given], *args)
     assert out.returncode != 0
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_trainables_counts_areas_and_lists_matches(checkpoint):
+    base, _ = checkpoint
+    out = run(base, "scripts.trainables", "--model=d20", "--quant=nf4", "--lora_r=16", "--freeze_sam=True")
+    assert out.returncode == 0, out.stderr
+    assert "LoRA targets" in out.stdout and "120 modules (120 in the GPT, 0 in the vision towers)" in out.stdout
+    assert "all               969,733,120      7,372,800    393,216,000" in out.stdout
+    out = run(base, "scripts.trainables", "--model_tag=rand", "--freeze_sam=True")
+    rows = {line.split()[0]: [int(v.replace(",", "")) for v in line.split()[1:]]
+            for line in out.stdout.splitlines() if line.split() and line.split()[0] in ("SAM", "CLIP", "compressor")}
+    assert rows["SAM"][0] > 0 and rows["SAM"][1] == 0  # frozen
+    assert rows["compressor"][0] == rows["compressor"][1] > 0  # not frozen unless asked
+    assert 0 < rows["CLIP"][1] < rows["CLIP"][0]  # all but the unused patch conv
+    out = run(base, "scripts.trainables", "--lora_r=4", "--lora_targets=nothing_here")
+    assert out.returncode != 0 and "match no Linear module" in out.stderr

@@ -1,0 +1,132 @@
+"""
+Which parameters train? For a checkpoint or a preset and any freeze / 4-bit / LoRA setting, the trainable and
+total parameters of every area of the model, and the modules a LoRA or quantization pattern matches: the check
+that the vision tower is (or is not) being trained before a long run starts.
+
+    python -m scripts.trainables --model=d20 --quant=nf4 --lora_r=16
+    python -m scripts.trainables --model_tag=vis_tok --lora_targets="transformer\.h\.\d+\.attn\.c_(q|v)|qkv"
+
+Nothing is loaded but the configs: the model is built on the meta device, so d20 costs no memory.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+
+from configurator import configure
+from nanovlm.checkpoint import configs_from_meta, find_last_step, meta_path, prepare_adapters, read_meta
+from nanovlm.common import get_base_dir
+from nanovlm.deepencoder import DeepEncoder, LayerNorm2d
+from nanovlm.gpt import GPT
+from nanovlm.lora import find_targets
+from nanovlm.nf4 import Linear4bit
+from nanovlm.vlm import VLM, preset_configs
+
+model = "tiny"  # a preset, when no checkpoint is named
+vocab_size = 65536  # the preset's vocabulary
+model_tag = ""  # or a run under checkpoints/ (its configs are read, not its weights)
+checkpoint_dir = ""
+freeze_sam = False
+freeze_compressor = False
+quant = ""  # "nf4"
+double_quant = False
+quant_targets = r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+"
+lora_r = 0
+lora_alpha = 32.0
+lora_dropout = 0.0
+lora_targets = r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+"
+show = 12  # matched module names to list per pattern
+user_config = configure(globals())
+
+AREAS = ["SAM", "compressor", "CLIP", "projector", "GPT attention", "GPT MLP", "embeddings", "lm_head", "norms",
+         "LoRA"]
+
+
+def area_of(name, module):
+    """The area a parameter belongs to, from its module's full name and type."""
+    if ".lora_A" in name or ".lora_B" in name:
+        return "LoRA"
+    if isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+        return "norms"
+    for prefix, area in (("encoder.sam.net_2", "compressor"), ("encoder.sam.net_3", "compressor"),
+                         ("encoder.sam", "SAM"), ("encoder.clip", "CLIP"), ("encoder", "projector"),
+                         ("gpt.lm_head", "lm_head"), ("gpt.transformer.wte", "embeddings")):
+        if name.startswith(prefix):
+            return area
+    return "GPT attention" if ".attn." in name + "." else "GPT MLP"
+
+
+def count(module, param_name, p):
+    """Parameters a tensor stands for: a 4-bit weight packs two per byte."""
+    if isinstance(module, Linear4bit) and param_name == "weight":
+        return module.in_features * module.out_features
+    return p.numel()
+
+
+def census(vlm):
+    rows = {area: [0, 0, 0] for area in AREAS}  # total, trainable, held in 4 bits
+    for name, module in vlm.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            n = count(module, param_name, p)
+            row = rows[area_of(name, module)]
+            row[0] += n
+            row[1] += n if p.requires_grad else 0
+            row[2] += n if isinstance(module, Linear4bit) and param_name == "weight" else 0
+    return rows
+
+
+def list_matches(title, names):
+    by_tower = {"vision": [n for n in names if n.startswith("encoder.")], "GPT": [n for n in names if n.startswith("gpt.")]}
+    print(f"{title}: {len(names)} modules ({len(by_tower['GPT'])} in the GPT, {len(by_tower['vision'])} in the vision towers)")
+    for n in names[:show]:
+        print(f"  {n}")
+    if len(names) > show:
+        print(f"  ... and {len(names) - show} more")
+
+
+if model_tag or checkpoint_dir:
+    directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
+    try:
+        meta = read_meta(meta_path(directory, find_last_step(directory)))
+        gpt_config, encoder_config, image_token_id = configs_from_meta(meta, directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    source = directory
+else:
+    try:
+        gpt_config, encoder_config, _ = preset_configs(model, vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    image_token_id, source = 0, f"preset {model}"
+
+with torch.device("meta"):
+    vlm = VLM(GPT(gpt_config), DeepEncoder(encoder_config), image_token_id)
+vlm.encoder.clip.embeddings.patch_embedding.weight.requires_grad_(False)  # as in training: never used
+for name, p in vlm.encoder.sam.named_parameters():
+    is_compressor = name.startswith(("net_2.", "net_3."))
+    if (freeze_sam and not is_compressor) or (freeze_compressor and is_compressor):
+        p.requires_grad_(False)
+
+print(f"{source}: GPT d{gpt_config.n_layer} (n_embd {gpt_config.n_embd}), encoder SAM {encoder_config.sam_dim} / "
+      f"CLIP {encoder_config.clip_dim}")
+try:
+    if quant:
+        list_matches(f"4-bit targets {quant_targets!r}", find_targets(vlm, quant_targets, exclude=r"lm_head"))
+    if lora_r > 0:
+        list_matches(f"LoRA targets {lora_targets!r}", find_targets(vlm, lora_targets))
+    prepare_adapters(vlm, {"quant": quant, "double_quant": double_quant, "quant_targets": quant_targets,
+                           "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                           "lora_targets": lora_targets})
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
+
+rows = census(vlm)
+print(f"{'area':<14} {'total':>14} {'trainable':>14} {'4-bit':>14}")
+for area, (total, trainable, four_bit) in rows.items():
+    if total:
+        print(f"{area:<14} {total:>14,} {trainable:>14,} {four_bit:>14,}")
+total = sum(r[0] for r in rows.values())
+trainable = sum(r[1] for r in rows.values())
+print(f"{'all':<14} {total:>14,} {trainable:>14,} {sum(r[2] for r in rows.values()):>14,}")
+print(f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
