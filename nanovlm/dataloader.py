@@ -191,11 +191,14 @@ def vision_batches(records, tokenizer, batch_size, max_tokens, image_mode, devic
         window = [pool.submit(prepare, next(items)) for _ in range(num_workers * batch_size)]
         batch = []
         bad_in_a_row = 0
+        reported = set()
         while True:
             sample, state_after, error = window.pop(0).result()
             window.append(pool.submit(prepare, next(items)))
             if error:
-                report(error, strict)
+                if error not in reported:  # once per bad record, not once per epoch
+                    report(error, strict)
+                    reported.add(error)
                 bad_in_a_row += 1
                 if bad_in_a_row > 100:
                     raise ValueError(f"more than 100 bad records in a row, last: {error}")
