@@ -19,6 +19,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -84,6 +85,8 @@ def save_checkpoint(checkpoint_dir, step, model_state, meta, optimizer_state=Non
     os.makedirs(checkpoint_dir, exist_ok=True)
     if optimizer_state is not None:
         atomic_write(optim_path(checkpoint_dir, step, rank), lambda tmp: torch.save(optimizer_state, tmp))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank's file is on disk before the meta says the step is complete
     if rank != 0:
         return
     if adapter_model is not None:
@@ -125,13 +128,15 @@ def read_safetensors(path, device="cpu"):
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
 
-def load_checkpoint(checkpoint_dir, step=None, device="cpu", load_optimizer=False, rank=0):
+def load_checkpoint(checkpoint_dir, step=None, device="cpu", load_optimizer=False, rank=0, load_model=True):
     """(model_state, optimizer_state or None, meta) of `step`, by default the latest complete one."""
     if step is None:
         step = find_last_step(checkpoint_dir)
     meta = read_meta(meta_path(checkpoint_dir, step))
     # an adapter checkpoint holds no full weights: load_vlm rebuilds its base
-    model_state = None if "adapter" in meta else read_safetensors(model_path(checkpoint_dir, step), device)
+    model_state = None
+    if load_model and "adapter" not in meta:
+        model_state = read_safetensors(model_path(checkpoint_dir, step), device)
     optimizer_state = None
     if load_optimizer:
         path = optim_path(checkpoint_dir, step, rank)
@@ -168,7 +173,10 @@ def load_vlm(checkpoint_dir, step=None, device="cpu"):
         return model.eval(), tokenizer, meta
     model = build_vlm(*configs_from_meta(meta, meta_path(checkpoint_dir, step)), device=device, init=False)
     check_state_dict(expected_shapes(model), model_state, model_path(checkpoint_dir, step))
-    model.load_state_dict(model_state, strict=True)
+    if torch.device(device).type == "cuda":
+        model.load_state_dict(model_state, strict=True, assign=True)  # keeps a CUDA run's bf16 wte as it was
+    else:
+        model.load_state_dict(model_state, strict=True)  # CPU/MPS compute in fp32: bf16 tensors are upcast
     tokenizer = Tokenizer.from_directory(os.path.join(checkpoint_dir, meta.get("tokenizer_dir", "tokenizer")))
     model.eval()
     return model, tokenizer, meta

@@ -76,6 +76,10 @@ def load_conversations(path):
                 conversation = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from e
+            messages = conversation.get("messages") if isinstance(conversation, dict) else conversation
+            if not (isinstance(messages, list) and messages and
+                    all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+                raise ValueError(f"{path}:{line_no}: a conversation is a list of {{role, content}} messages")
             conversations.append(conversation)
     if not conversations:
         raise ValueError(f"{path}: no conversations")
@@ -99,6 +103,8 @@ def render_record(record, tokenizer, image_mode, max_tokens):
         # cut the answer, never the image (render_conversation refuses to cut an image)
         print(f"warning: record {record['id']}: {len(ids)} tokens, answer truncated to fit {max_tokens}")
         ids, mask = tokenizer.render_conversation(conversation, image_tokens=[n_image], max_tokens=max_tokens)
+    if sum(mask) == 0:
+        raise ValueError(f"no room for any answer token in {max_tokens} tokens (prompt and image fill it)")
     return ids, mask, views
 
 
@@ -140,24 +146,32 @@ def plan(num_records, num_texts, text_ratio, seed, rank, world_size, state):
     The endless sequence of (kind, index, state_after) this rank will consume, starting from `state`.
     kind is "vision" or "text"; state_after is the state to save once this item is in a yielded batch.
     """
+    if num_records < world_size:
+        raise ValueError(f"{num_records} records cannot be shared by {world_size} ranks")
     state = dict(state)
+    orders = {}  # (kind, epoch) -> this rank's order; shuffled once per epoch, not once per item
+
+    def take(kind, n, order_seed, epoch_key, position_key):
+        key = (kind, state[epoch_key])
+        if key not in orders:
+            orders.clear()
+            orders[key] = epoch_order(n, order_seed, state[epoch_key])[rank::world_size] or [0]
+        order = orders[key]
+        index = order[state[position_key]]
+        state[position_key] += 1
+        if state[position_key] >= len(order):
+            state[epoch_key], state[position_key] = state[epoch_key] + 1, 0
+        return index
+
     while True:
         # whether this slot is text is a pure function of (seed, rank, item count): resumable without RNG state
         use_text = num_texts > 0 and random.Random(f"{seed}:{rank}:mix:{state['items']}").random() < text_ratio
         state["items"] += 1
         if use_text:
-            order = epoch_order(num_texts, seed + 1, state["text_epoch"])[rank::world_size] or [0]
-            index = order[state["text_position"]]
-            state["text_position"] += 1
-            if state["text_position"] >= len(order):
-                state["text_epoch"], state["text_position"] = state["text_epoch"] + 1, 0
+            index = take("text", num_texts, seed + 1, "text_epoch", "text_position")
             yield "text", index, dict(state)
         else:
-            order = epoch_order(num_records, seed, state["epoch"])[rank::world_size] or [0]
-            index = order[state["position"]]
-            state["position"] += 1
-            if state["position"] >= len(order):
-                state["epoch"], state["position"] = state["epoch"] + 1, 0
+            index = take("vision", num_records, seed, "epoch", "position")
             yield "vision", index, dict(state)
 
 
@@ -182,7 +196,7 @@ def vision_batches(records, tokenizer, batch_size, max_tokens, image_mode, devic
             if kind == "text":
                 return render_text(texts[index], tokenizer, max_tokens), state_after, None
             return render_record(records[index], tokenizer, image_mode, max_tokens), state_after, None
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, KeyError, TypeError) as e:
             name = records[index]["id"] if kind == "vision" else f"text #{index}"
             return None, state_after, f"record {name}: {e}"
 
@@ -212,15 +226,25 @@ def vision_batches(records, tokenizer, batch_size, max_tokens, image_mode, devic
 
 
 def eval_batches(records, tokenizer, batch_size, max_tokens, image_mode, device="cpu", rank=0, world_size=1):
-    """One ordered pass over this rank's share of the records (for validation loss): (inputs, targets, images)."""
-    mine = records[rank::world_size]
+    """
+    One ordered pass over this rank's share of the records (for validation loss): (inputs, targets, images).
+    A bad record is reported and left out, as in training.
+    """
+    def render_or_none(record):
+        try:
+            return render_record(record, tokenizer, image_mode, max_tokens)
+        except (ValueError, OSError) as e:
+            report(f"record {record['id']}: {e}", strict=False)
+            return None
+
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        samples = pool.map(lambda r: render_record(r, tokenizer, image_mode, max_tokens), mine)
         batch = []
-        for sample in samples:
-            batch.append(sample)
+        for sample in pool.map(render_or_none, records[rank::world_size]):
+            if sample is not None:
+                batch.append(sample)
             if len(batch) == batch_size:
-                yield collate(batch, tokenizer.encode_special("<|assistant_end|>"), device)
+                yield collate(batch, pad_id, device)
                 batch = []
         if batch:
-            yield collate(batch, tokenizer.encode_special("<|assistant_end|>"), device)
+            yield collate(batch, pad_id, device)

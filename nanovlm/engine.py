@@ -57,8 +57,8 @@ class Engine:
     def generate(self, tokens, images=None, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
         """
         Stream the continuation of `tokens` (a list of prompt ids holding <|image|> runs for `images`).
-        Yields (token_column, token_masks) per step: one new id per row, and 1 for sampled tokens (nanochat's
-        interface; a row that has finished repeats its stop token with mask 0).
+        Yields (token_column, token_masks) per step: one new id per row (nanochat's interface). The mask is 1 while
+        a row is live and 0 after its stop token; such finished rows keep sampling, and callers ignore them.
         """
         assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens must be a list of ids"
         gpt = self.model.gpt if hasattr(self.model, "gpt") else self.model
@@ -76,7 +76,7 @@ class Engine:
         logits = logits.expand(num_samples, -1).clone()  # each row samples its own first token
 
         done = [False] * num_samples
-        for _ in range(max_tokens):
+        for step in range(max_tokens):
             next_ids = sample_next_token(self.mask_forbidden(logits), rng, temperature, top_k)  # (B, 1)
             column = next_ids[:, 0].tolist()
             masks = []
@@ -85,8 +85,8 @@ class Engine:
                 if token in self.stop_ids:
                     done[row] = True
             yield column, masks
-            if all(done):
-                return
+            if all(done) or step == max_tokens - 1:
+                return  # no forward for a token nobody will read
             logits = token_forward(self.model, next_ids, kv_cache)[:, -1, :]
 
     def generate_batch(self, tokens, images=None, num_samples=1, **kwargs):

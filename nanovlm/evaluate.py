@@ -49,7 +49,13 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, 
     was_training = model.training
     model.eval()
     for record in records:
-        image = load_image(record["image"])
+        try:
+            image = load_image(record["image"])
+        except ValueError as e:  # an unreadable image scores as an empty answer, it does not stop the eval
+            print(f"record {record['id']}: {e}")
+            samples.append(dict(id=record["id"], prediction="", reference=record["answer"], loss=None, error=str(e),
+                                **score("", record["answer"])))
+            continue
         global_view, tiles, tiling = preprocess(image, image_mode)
         views = (global_view.to(device), tiles.to(device) if tiles is not None else None, tiling)
         ids = prompt_ids(tokenizer, record["prompt"], image, image_mode)
@@ -67,7 +73,9 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, 
 def summarize(samples):
     """The summary of a list of scored samples (means over samples; box measures over samples with boxes)."""
     n = len(samples)
-    mean = lambda key, rows: sum(s[key] for s in rows) / len(rows) if rows else None
+    def mean(key, rows):
+        values = [s[key] for s in rows if s.get(key) is not None]
+        return sum(values) / len(values) if values else None
     boxed = [s for s in samples if "det_rate" in s]
     exact = sum(bool(s["exact"]) for s in samples)
     return {"n": n, "exact": exact, "exact_rate": exact / n if n else 0.0, "cer": mean("cer", samples),

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from nanovlm.nf4 import Linear4bit, dequantize_nf4, name_matches, quantize_nf4, replace_module
@@ -200,10 +200,15 @@ def save_adapter(model, path, meta=None):
 
 def read_adapter(path):
     """(tensors, per-layer config, meta) from an adapter file."""
-    with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, json.loads(header.get("lora", "{}")), json.loads(header.get("meta", "{}"))
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, json.loads(header.get("lora", "{}")), json.loads(header.get("meta", "{}"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"adapter not found: {path}")
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated adapter file ({e})") from e
 
 
 @torch.no_grad()

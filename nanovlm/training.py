@@ -78,6 +78,8 @@ def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_f
 def freeze(model, cfg):
     """Stage 2 freezes SAM and/or the compressor. Frozen parameters never reach the optimizer."""
     for name, p in model.encoder.sam.named_parameters():
+        if ".lora_" in name:
+            continue  # adapters put on SAM on purpose keep training
         is_compressor = name.startswith(("net_2.", "net_3."))
         if (cfg["freeze_sam"] and not is_compressor) or (cfg["freeze_compressor"] and is_compressor):
             p.requires_grad_(False)
@@ -176,6 +178,9 @@ def setup_model(cfg, checkpoint_dir, device, master):
     model, tokenizer, image_mode, base = build_model(cfg, device)
     if not (cfg["quant"] or cfg["lora_r"] > 0):
         return model, tokenizer, image_mode, None, None
+    if base is None and not (cfg["vision_from"] or cfg["sam_from"] or cfg["clip_from"]):
+        print0("warning: adapters over an encoder that starts from random weights; everything the adapters do not "
+               "cover stays frozen at random (train the full model first, then --start_from it)")
     if base is None:
         # adapters are saved alone, so their base must be on disk: keep this run's starting weights once
         base = (os.path.join(checkpoint_dir, "base"), 0)
@@ -226,10 +231,18 @@ def train(cfg):
 
     start_step, loader_state, loop_state = 0, None, {}
     if resume_step is not None:
-        _, optim_data, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
-        optimizer.load_state_dict(optim_data["optimizer"])
-        torch.set_rng_state(optim_data["rng"])
-        start_step, loader_state, loop_state = resume_step, meta["loader_state"], meta["loop_state"]
+        # every rank restores its own RNG and data position; the optimizer state (the same on all ranks) is rank 0's
+        _, rank_state, meta = load_checkpoint(checkpoint_dir, resume_step, "cpu", load_optimizer=True, rank=rank,
+                                              load_model=False)
+        _, rank0_state, _ = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=0,
+                                            load_model=False)
+        optimizer.load_state_dict(rank0_state["optimizer"])
+        for group in optimizer.param_groups:  # learning rates come from this run's flags, not the saved ones
+            group["initial_lr"] = lrs[group["name"]]
+        torch.set_rng_state(rank_state["rng"])
+        if device.type == "cuda" and rank_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
+        start_step, loader_state, loop_state = resume_step, rank_state["loader_state"], meta["loop_state"]
     elif master:
         tokenizer.save(os.path.join(checkpoint_dir, "tokenizer"))  # the checkpoint dir is self-contained
 
@@ -254,13 +267,17 @@ def train(cfg):
     while True:
         last_step = step == num_iterations
         if last_step or (cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0 and step > start_step):
-            metrics = evaluate(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step)
+            metrics = run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step)
             logger.log({"step": step, **metrics})
         if last_step or (cfg["save_every"] > 0 and step % cfg["save_every"] == 0 and step > start_step):
             meta = dict(model_meta(model), image_mode=image_mode, tokenizer_dir="tokenizer", user_config=cfg,
                         loader_state=consumed_state, metrics=metrics,
                         loop_state={"smooth_loss": smooth_loss, "total_time": total_time})
-            optimizer_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+            rank_state = {"rng": torch.get_rng_state(), "loader_state": consumed_state,
+                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            if master:  # plain AdamW: every rank holds the same state, one copy is enough
+                rank_state["optimizer"] = optimizer.state_dict()
+            optimizer_state = rank_state
             if adapter:
                 save_checkpoint(checkpoint_dir, step, None, dict(meta, adapter=adapter), optimizer_state, rank,
                                 adapter_model=model)
@@ -335,7 +352,7 @@ def train(cfg):
     return metrics
 
 
-def evaluate(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step):
+def run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step):
     """Validation loss (all ranks), then generated samples and the collapse monitor (rank 0)."""
     model.eval()
     max_tokens = model.config.sequence_len + 1

@@ -77,14 +77,27 @@ class VLM(nn.Module):
                         embeds=self.embed(idx, images))
 
     def estimate_flops(self, seq_len, image_size):
-        """Training FLOPs per token for the GPT, plus the encoder's per image (6 x params x tokens it sees)."""
+        """
+        Training FLOPs per GPT token, and per image for the encoder: 2 x params x tokens forward, x3 with the
+        backward of a tower that trains, x2 for a frozen tower whose input still needs gradients, x1 for a frozen
+        tower with nothing trainable before it (stage 2's SAM). Attention scores inside the encoder are left out.
+        """
         gpt_flops = self.gpt.estimate_flops(seq_len)
         patches = (image_size // self.encoder.config.sam_patch_size) ** 2
         grid = (image_size // 64) ** 2
-        encoder_params = sum(p.numel() for p in self.encoder.sam.parameters())
-        clip_params = sum(p.numel() for p in self.encoder.clip.parameters())
-        projector_params = sum(p.numel() for p in self.encoder.projector.parameters())
-        encoder_flops = 6 * (encoder_params * patches + (clip_params + projector_params) * (grid + 1))
+        sam = self.encoder.sam
+        compressor = list(sam.net_2.parameters()) + list(sam.net_3.parameters())
+        sam_body = [p for p in sam.parameters() if all(p is not c for c in compressor)]
+        # (parameters, positions they are applied at): a conv costs its params once per output position
+        towers = [(sam_body, patches), (list(sam.net_2.parameters()), (image_size // 32) ** 2),
+                  (list(sam.net_3.parameters()), grid), (list(self.encoder.clip.parameters()), grid + 1),
+                  (list(self.encoder.projector.parameters()), grid)]
+        encoder_flops, upstream_trains = 0, False
+        for params, positions in towers:
+            trains = any(p.requires_grad for p in params)
+            passes = 3 if trains else (2 if upstream_trains else 1)
+            upstream_trains = upstream_trains or trains
+            encoder_flops += 2 * passes * sum(p.numel() for p in params) * positions
         return gpt_flops, encoder_flops
 
 

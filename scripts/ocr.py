@@ -53,6 +53,7 @@ def draw_boxes(picture, boxes, path):
 
 if not image:
     fail("give an image with --image=PATH")
+prompt = prompt.replace("\\n", "\n")  # a shell passes --prompt="<image>\n..." with a literal backslash-n
 if "<image>" not in prompt:
     prompt = "<image>\n" + prompt  # the image goes first, as in every training prompt
 _, _, _, _, device = compute_init(device_type)

@@ -21,6 +21,7 @@ from nanovlm.deepencoder import DeepEncoder, LayerNorm2d
 from nanovlm.gpt import GPT
 from nanovlm.lora import find_targets
 from nanovlm.nf4 import Linear4bit
+from nanovlm.training import freeze
 from nanovlm.vlm import VLM, preset_configs
 
 model = "tiny"  # a preset, when no checkpoint is named
@@ -102,11 +103,6 @@ else:
 
 with torch.device("meta"):
     vlm = VLM(GPT(gpt_config), DeepEncoder(encoder_config), image_token_id)
-vlm.encoder.clip.embeddings.patch_embedding.weight.requires_grad_(False)  # as in training: never used
-for name, p in vlm.encoder.sam.named_parameters():
-    is_compressor = name.startswith(("net_2.", "net_3."))
-    if (freeze_sam and not is_compressor) or (freeze_compressor and is_compressor):
-        p.requires_grad_(False)
 
 print(f"{source}: GPT d{gpt_config.n_layer} (n_embd {gpt_config.n_embd}), encoder SAM {encoder_config.sam_dim} / "
       f"CLIP {encoder_config.clip_dim}")
@@ -120,6 +116,7 @@ try:
                            "lora_targets": lora_targets})
 except ValueError as e:
     raise SystemExit(f"error: {e}")
+freeze(vlm, user_config)  # exactly what training freezes, after the adapters as in training
 
 rows = census(vlm)
 print(f"{'area':<14} {'total':>14} {'trainable':>14} {'4-bit':>14}")

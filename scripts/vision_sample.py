@@ -19,6 +19,7 @@ from nanovlm.checkpoint import load_vlm
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
 from nanovlm.dataloader import load_records
 from nanovlm.evaluate import evaluate_records, summarize
+from nanovlm.image_process import resolve_mode
 
 data = "data/tier1/dataset.json"
 model_tag = "vis_tok"  # a run under checkpoints/
@@ -36,10 +37,11 @@ directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
 try:
     model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
     records = load_records(data)
+    image_mode = mode or meta["image_mode"]
+    resolve_mode(image_mode)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
 records = records[:limit] if limit > 0 else records
-image_mode = mode or meta["image_mode"]
 print0(f"evaluating {directory} step {meta['step']} on {len(records)} records of {data} (image mode {image_mode})")
 
 samples = evaluate_records(model, tokenizer, records[rank::world_size], image_mode, max_new_tokens,
@@ -56,8 +58,9 @@ if rank == 0:
     for s in samples:
         det = f"{s['det_rate']:.2f}" if "det_rate" in s else "-"
         shown = s["prediction"].replace("\n", " ")[:48]
+        loss = "-" if s["loss"] is None else f"{s['loss']:.4f}"
         print(f"{str(s['id']):<16} {'yes' if s['exact'] else 'no':>5} {s['cer']:7.4f} {s['ned']:7.4f} "
-              f"{s['word_precision']:7.4f} {s['loss']:8.4f} {det:>6}  {shown}")
+              f"{s['word_precision']:7.4f} {loss:>8} {det:>6}  {shown}")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     print(f"exact {summary['exact']}/{summary['n']} ({summary['exact_rate']:.1%}) | cer {fmt(summary['cer'])} | "
           f"ned {fmt(summary['ned'])} | word precision {fmt(summary['word_precision'])} | "

@@ -135,3 +135,22 @@ def test_malformed_dataset_files(tmp_path):
         load_records(str(tmp_path / "bad.json"))
     with pytest.raises(FileNotFoundError, match="dataset not found"):
         load_records(str(tmp_path / "missing.json"))
+
+
+def test_eval_batches_leave_bad_records_out(tokenizer, tmp_path, capsys):
+    from nanovlm.dataloader import eval_batches
+    path = write_dataset(str(tmp_path), ["one", "two", "three"])
+    os.remove(os.path.join(tmp_path, "images", "1.png"))
+    batches = list(eval_batches(load_records(path), tokenizer, 2, 256, MODE))
+    assert sum(b[0].shape[0] for b in batches) == 2 and "record r1:" in capsys.readouterr().out
+
+
+def test_no_room_for_the_answer_is_a_bad_record(tokenizer, tmp_path, capsys):
+    path = write_dataset(str(tmp_path), ["answer"], prompt="<image>" + " long prompt" * 40)
+    with pytest.raises(ValueError, match="no room for any answer token"):
+        next(vision_batches(load_records(path), tokenizer, 1, 30, MODE, strict=True))
+
+
+def test_fewer_records_than_ranks_is_an_error():
+    with pytest.raises(ValueError, match="cannot be shared by 4 ranks"):
+        next(plan(3, 0, 0.0, 0, 0, 4, initial_state()))

@@ -89,3 +89,14 @@ def test_trainables_counts_areas_and_lists_matches(checkpoint):
     assert 0 < rows["CLIP"][1] < rows["CLIP"][0]  # all but the unused patch conv
     out = run(base, "scripts.trainables", "--lora_r=4", "--lora_targets=nothing_here")
     assert out.returncode != 0 and "match no Linear module" in out.stderr
+
+
+def test_an_unreadable_image_scores_as_an_empty_answer(tokenizer, vlm, tmp_path, capsys):
+    from nanovlm.dataloader import load_records
+    from nanovlm.evaluate import evaluate_records, summarize
+    path = write_dataset(str(tmp_path), ["fine", "gone"])
+    os.remove(tmp_path / "images" / "1.png")
+    summary = summarize(evaluate_records(vlm, tokenizer, load_records(path), "resize:128", max_new_tokens=3))
+    assert summary["n"] == 2 and "does not exist" in summary["samples"][1]["error"]
+    assert summary["samples"][1]["cer"] == 1.0 and summary["loss"] == summary["samples"][0]["loss"]
+    assert "record r1" in capsys.readouterr().out

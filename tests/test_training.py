@@ -63,11 +63,17 @@ def test_stage2_freezes_sam_and_mixes_text(workspace, tmp_path):
     assert steps[7] < steps[0]
 
 
-def test_torchrun_two_ranks_on_cpu(workspace):
+def test_torchrun_two_ranks_on_cpu_and_resume(workspace):
     base, data = workspace
-    out = run_script(base, "scripts.vis_tok_train", f"--data={data}", "--model_tag=ddp", *FAST, torchrun=True)
-    assert "world size 2" in out and len(losses(out)) == 8
+    args = ["scripts.vis_tok_train", f"--data={data}", "--model_tag=ddp", "--save_every=4", *FAST]
+    full = losses(run_script(base, *args, torchrun=True))
+    assert len(full) == 8
     assert os.path.exists(base / "ddp" / "optim_000008_rank1.pt")
+    for name in os.listdir(base / "ddp"):
+        if "000008" in name:
+            os.remove(base / "ddp" / name)
+    resumed = losses(run_script(base, *args, "--resume=True", torchrun=True))
+    assert resumed == {s: full[s] for s in (4, 5, 6, 7)}  # each rank continued from its own data position
 
 
 def test_every_trainable_parameter_has_exactly_one_group(tokenizer):
@@ -172,3 +178,14 @@ def test_qlora_run_saves_adapters_only_and_the_eval_loads_base_plus_adapter(work
     # no saved base to point at: the run keeps its starting weights once, under base/
     run_script(base, "scripts.vis_tok_train", f"--data={data}", "--model_tag=lora_fresh", "--lora_r=2", *FAST)
     assert os.path.exists(base / "lora_fresh" / "base" / "model_000000.safetensors")
+
+
+def test_stage2_freeze_keeps_adapters_placed_on_sam(tokenizer):
+    from nanovlm.checkpoint import prepare_adapters
+    from nanovlm.training import freeze
+    model = tiny_vlm(tokenizer)
+    config = dict(QLORA, quant="", lora_targets=r"transformer\.h\.\d+\.attn\.c_q|qkv")
+    prepare_adapters(model, config, training=True)
+    freeze(model, {"freeze_sam": True, "freeze_compressor": True})
+    sam_lora = [p for n, p in model.encoder.sam.named_parameters() if ".lora_" in n]
+    assert sam_lora and all(p.requires_grad for p in sam_lora)
