@@ -15,6 +15,17 @@ from nanovlm.vlm import build_vlm
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # bitsandbytes / peft references
+
+
+@pytest.fixture
+def one_thread():
+    """Small matmuls on one thread: on a busy 2-core machine two threads wait on each other up to 100x longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

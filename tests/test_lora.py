@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from conftest import FIXTURES
 from nanovlm.lora import (LoRALinear, apply_lora, find_targets, load_adapter, lora_layers, lora_state_dict,
                           merge_lora, prepare_for_kbit_training, save_adapter, unmerge_lora)
 from nanovlm.nf4 import Linear4bit, quantize_model
@@ -19,22 +20,11 @@ from nanovlm.nf4 import Linear4bit, quantize_model
 GPT_TARGETS = r"transformer\.h\.\d+\.(attn|mlp)\.(c_q|c_k|c_v|c_proj|c_fc)"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on one thread: on a busy 2-core machine two threads wait on each other up to 100x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture_path(name):
-    here = os.path.dirname(os.path.abspath(__file__))
-    for d in [os.environ.get("NANOVLM_FIXTURES", ""), os.path.join(here, "fixtures"),
-              os.path.join(here, "..", "..", "shared", "fixtures")]:
-        if d and glob.glob(os.path.join(d, name)):
-            return os.path.join(d, name)
-    pytest.skip(f"reference tensor {name} not found (set NANOVLM_FIXTURES)")
+    return os.path.join(FIXTURES, name)
 
 
 # -----------------------------------------------------------------------------

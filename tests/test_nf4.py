@@ -9,32 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import FIXTURES
 from nanovlm.nf4 import (NF4_LEVELS, NF4_THRESHOLDS, Linear4bit, absmax_fp32, dequantize_nf4, dynamic_map_8bit,
                          quantize_model, quantize_nf4, state_from_bnb, state_nbytes, state_to_bnb, unpack_codes)
 
 
-def fixtures_dir():
-    """The bitsandbytes/peft reference tensors: $NANOVLM_FIXTURES, tests/fixtures, or the checkout's ../shared."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.environ.get("NANOVLM_FIXTURES", ""), os.path.join(here, "fixtures"),
-                  os.path.join(here, "..", "..", "shared", "fixtures")]
-    return next((d for d in candidates if d and glob.glob(os.path.join(d, "*.pt"))), None)
-
-
-FIXTURES = fixtures_dir()
-NF4_FIXTURES = sorted(glob.glob(os.path.join(FIXTURES, "nf4_*.pt"))) if FIXTURES else []
-needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason="reference tensors not found (set NANOVLM_FIXTURES)")
+NF4_FIXTURES = sorted(glob.glob(os.path.join(FIXTURES, "nf4_*.pt")))
+pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 MAX_HALF_GAP = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:])) / 2  # worst rounding, in units of absmax
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on one thread: on a busy 2-core machine two threads wait on each other up to 100x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load(path):
@@ -59,7 +42,6 @@ def bnb_json(fields):
 # -----------------------------------------------------------------------------
 # Against the reference tensors
 
-@needs_fixtures
 def test_fixtures_present():
     assert len(NF4_FIXTURES) == 4, f"expected the 4 NF4 fixtures in {FIXTURES}, found {NF4_FIXTURES}"
 
