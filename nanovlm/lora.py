@@ -19,7 +19,6 @@ A typical QLoRA setup:
 
 import json
 import math
-import os
 import warnings
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from nanovlm.common import atomic_write
 from nanovlm.nf4 import Linear4bit, dequantize_nf4, name_matches, quantize_nf4, replace_module
 
 
@@ -187,15 +187,7 @@ def save_adapter(model, path, meta=None):
         raise ValueError("save_adapter: the model has no LoRA layers (call apply_lora first)")
     header = {"lora": json.dumps({name: layer.config() for name, layer in lora_layers(model)}),
               "meta": json.dumps(meta if meta is not None else {})}
-    data = safetensors_bytes(tensors, metadata=header)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, safetensors_bytes(tensors, metadata=header))
 
 
 def read_adapter(path):
