@@ -189,3 +189,23 @@ def test_stage2_freeze_keeps_adapters_placed_on_sam(tokenizer):
     freeze(model, {"freeze_sam": True, "freeze_compressor": True})
     sam_lora = [p for n, p in model.encoder.sam.named_parameters() if ".lora_" in n]
     assert sam_lora and all(p.requires_grad for p in sam_lora)
+
+
+def test_non_finite_losses_skip_the_step_then_stop_the_run(workspace, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    from nanovlm.vlm import VLM
+    base, data = workspace
+    forward = VLM.forward
+    monkeypatch.setattr(VLM, "forward", lambda self, *a, **kw: forward(self, *a, **kw) * float("nan")
+                        if self.training else forward(self, *a, **kw))
+    monkeypatch.setenv("NANOVLM_BASE_DIR", str(base))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["vis_tok_train", f"--data={data}", "--model_tag=nan", "--max_bad_steps=3",
+                                      *FAST])
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row: stopping"):
+        runpy.run_module("scripts.vis_tok_train", run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.count("is not finite: step skipped") == 3
+    assert not os.path.exists(base / "nan" / "meta_000008.json")
