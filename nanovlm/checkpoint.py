@@ -308,14 +308,15 @@ def file_shapes(encoder, plan):
     return shapes
 
 
-def read_vision_tensors(path, encoder, plan, ignore):
+def read_vision_tensors(path, encoder, plan, ignore, headers=None):
     """
     Read the tensors `plan` asks for and copy them into `encoder`.
     plan: {our parameter name: [file keys]}; several keys are concatenated on dim 0 (HF's q, k, v -> our qkv).
     ignore(file key) -> True for keys the file may hold that we do not load (a language model, HF-only heads).
+    headers: safetensors_headers(path), when the caller has already read them.
     Every missing, unexpected or mis-shaped file key is named in one ValueError. Returns how many were ignored.
     """
-    headers = safetensors_headers(path)
+    headers = headers or safetensors_headers(path)
     expected = file_shapes(encoder, plan)
     found = {k: torch.empty(shape, device="meta") for k, (_, shape) in headers.items() if not ignore(k)}
     check_state_dict(expected, found, path)
@@ -367,6 +368,12 @@ def load_deepseek_ocr_vision(path, config=None, device="cpu", dtype=torch.float3
     encoder.to(dtype)
     if towers_only:
         encoder.init_weights()
+    load_deepseek_ocr_into(path, encoder, towers_only)
+    return encoder.eval()
+
+
+def load_deepseek_ocr_into(path, encoder, towers_only=False):
+    """Copy a DeepSeek-OCR checkpoint's vision weights into an existing DeepEncoder (see load_deepseek_ocr_vision)."""
     plan = deepseek_ocr_plan(encoder, towers_only)
     wanted = set(DEEPSEEK_OCR_PREFIXES.values())
     position_ids = "model.vision_model.embeddings.position_ids"  # a buffer (arange) some exports include
@@ -379,7 +386,7 @@ def load_deepseek_ocr_vision(path, config=None, device="cpu", dtype=torch.float3
     skipped = read_vision_tensors(path, encoder, plan, ignore)
     print(f"{path}: loaded {len(plan)} vision tensors into DeepEncoder, skipped {skipped} others "
           f"(language model{', projector and layout vectors' if towers_only else ''})")
-    return encoder.eval()
+    return encoder
 
 
 # Hugging Face SamModel / SamVisionEncoder: the same tensors under other names; no net_2 / net_3
@@ -417,7 +424,7 @@ def load_hf_sam(path, encoder):
     headers = safetensors_headers(path)
     prefix = "vision_encoder." if "vision_encoder.pos_embed" in headers or "pos_embed" not in headers else ""
     ignore = lambda key: key.startswith(HF_SAM_HEADS)
-    skipped = read_vision_tensors(path, encoder, hf_sam_plan(encoder, prefix), ignore)
+    skipped = read_vision_tensors(path, encoder, hf_sam_plan(encoder, prefix), ignore, headers)
     print(f"{path}: loaded SAM into DeepEncoder (net_2/net_3 unchanged), skipped {skipped} mask-decoder tensors")
     return encoder
 
@@ -450,6 +457,6 @@ def load_hf_clip(path, encoder):
     headers = safetensors_headers(path)
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in headers) else ""
     ignore = lambda key: key.startswith(HF_CLIP_OTHER_TOWERS) or key[len(prefix):].startswith(HF_CLIP_UNUSED)
-    skipped = read_vision_tensors(path, encoder, hf_clip_plan(encoder, prefix), ignore)
+    skipped = read_vision_tensors(path, encoder, hf_clip_plan(encoder, prefix), ignore, headers)
     print(f"{path}: loaded CLIP into DeepEncoder, skipped {skipped} tensors (post_layernorm, text tower, ...)")
     return encoder

@@ -92,9 +92,12 @@ def report(message, strict):
     print(f"skipping: {message}")  # on every rank: each one sees its own records
 
 
-def render_record(record, tokenizer, image_mode, max_tokens):
-    """One record -> (ids, mask, image) with image = (global_view, tiles, tiling). Raises ValueError naming it."""
-    image = load_image(record["image"])
+def render_record(record, tokenizer, image_mode, max_tokens, image=None):
+    """
+    One record -> (ids, mask, views) with views = (global_view, tiles, tiling). Raises ValueError naming it.
+    image: the record's image when the caller has already loaded it.
+    """
+    image = image or load_image(record["image"])
     views = preprocess(image, image_mode)
     conversation = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["answer"]}]
     n_image = count_image_tokens(image.width, image.height, image_mode)

@@ -28,6 +28,11 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     return torch.multinomial(probs, num_samples=1, generator=rng)
 
 
+def gpt_of(model):
+    """The language model of a VLM, or the model itself when it is a plain GPT."""
+    return model.gpt if hasattr(model, "gpt") else model
+
+
 def prompt_forward(model, ids, images, kv_cache=None):
     """Logits of a prompt, through the VLM when it has images (or is a VLM), else straight through the GPT."""
     if hasattr(model, "embed"):
@@ -38,8 +43,7 @@ def prompt_forward(model, ids, images, kv_cache=None):
 
 def token_forward(model, ids, kv_cache):
     """Decode step: token ids only, the encoder is not involved."""
-    gpt = model.gpt if hasattr(model, "gpt") else model
-    return gpt(ids, kv_cache=kv_cache)
+    return gpt_of(model)(ids, kv_cache=kv_cache)
 
 
 class Engine:
@@ -61,7 +65,7 @@ class Engine:
         a row is live and 0 after its stop token; such finished rows keep sampling, and callers ignore them.
         """
         assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens must be a list of ids"
-        gpt = self.model.gpt if hasattr(self.model, "gpt") else self.model
+        gpt = gpt_of(self.model)
         config = gpt.config
         device = gpt.get_device()
         rng = torch.Generator(device=device)
@@ -115,7 +119,7 @@ def generate_naive(model, tokenizer, tokens, images=None, max_tokens=256, stop=T
     produce exactly these tokens; the benchmark measures how much faster it does so.
     """
     engine_rules = Engine(model, tokenizer)
-    gpt = model.gpt if hasattr(model, "gpt") else model
+    gpt = gpt_of(model)
     ids = list(tokens)
     out = []
     for _ in range(max_tokens):

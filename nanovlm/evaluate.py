@@ -9,7 +9,7 @@ import torch
 
 from nanovlm.dataloader import collate, render_record
 from nanovlm.engine import Engine
-from nanovlm.image_process import count_image_tokens, load_image, preprocess
+from nanovlm.image_process import count_image_tokens, load_image
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
 
 
@@ -31,15 +31,6 @@ def prompt_ids(tokenizer, prompt, image, image_mode):
     return tokenizer.render_for_completion([{"role": "user", "content": prompt}], image_tokens=[n_image])
 
 
-@torch.no_grad()
-def answer_loss(model, tokenizer, record, image_mode, max_tokens):
-    """Mean cross-entropy of the reference answer given the image and prompt (teacher forcing)."""
-    device = model.get_device()
-    inputs, targets, images = collate([render_record(record, tokenizer, image_mode, max_tokens)],
-                                      tokenizer.encode_special("<|assistant_end|>"), device)
-    return model(inputs, images=images, targets=targets).item()
-
-
 def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, autocast=None):
     """One dict per record: id, prediction, reference, loss and the measures of score()."""
     engine = Engine(model, tokenizer)
@@ -56,13 +47,14 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, 
             samples.append(dict(id=record["id"], prediction="", reference=record["answer"], loss=None, error=str(e),
                                 **score("", record["answer"])))
             continue
-        global_view, tiles, tiling = preprocess(image, image_mode)
-        views = (global_view.to(device), tiles.to(device) if tiles is not None else None, tiling)
+        # the image is decoded and preprocessed once: for the teacher-forced loss and for generation
+        inputs, targets, images = collate([render_record(record, tokenizer, image_mode, max_tokens, image)],
+                                          tokenizer.encode_special("<|assistant_end|>"), device)
         ids = prompt_ids(tokenizer, record["prompt"], image, image_mode)
         budget = min(max_new_tokens, model.config.sequence_len * 10 - len(ids))
-        with autocast or contextlib.nullcontext():
-            out, _ = engine.generate_batch(ids, images=[views], max_tokens=budget, temperature=0.0)
-            loss = answer_loss(model, tokenizer, record, image_mode, max_tokens)
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            loss = model(inputs, images=images, targets=targets).item()  # mean cross-entropy of the answer
+            out, _ = engine.generate_batch(ids, images=images, max_tokens=budget, temperature=0.0)
         pred = tokenizer.decode(out[0][len(ids):])
         samples.append(dict(id=record["id"], prediction=pred, reference=record["answer"], loss=loss,
                             **score(pred, record["answer"])))

@@ -112,15 +112,13 @@ class Tokenizer:
         str -> list of ids, or list of str -> list of lists. Special-token strings in the text are plain text.
         prepend/append: a special token (name or id) to put at the start/end of every sequence.
         """
-        def as_id(t):
-            return t if isinstance(t, int) else self.encode_special(t)
+        def as_ids(t):
+            return [] if t is None else [t if isinstance(t, int) else self.encode_special(t)]
+        head, tail = as_ids(prepend), as_ids(append)
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            return ([as_id(prepend)] if prepend is not None else []) + ids + ([as_id(append)] if append is not None else [])
+            return head + self.enc.encode_ordinary(text) + tail
         if isinstance(text, list):
-            batch = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-            return [([as_id(prepend)] if prepend is not None else []) + ids + ([as_id(append)] if append is not None else [])
-                    for ids in batch]
+            return [head + ids + tail for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
         raise ValueError(f"encode takes a str or a list of str, got {type(text).__name__}")
 
     __call__ = encode

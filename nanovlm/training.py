@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanovlm.checkpoint import (ADAPTER_KEYS, adapter_path, find_last_step, load_checkpoint,
-                                load_deepseek_ocr_vision, load_hf_clip, load_hf_sam, load_nanochat, load_vlm,
+                                load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat, load_vlm,
                                 meta_path, prepare_adapters, read_meta, save_checkpoint)
 from nanovlm.lora import load_adapter
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
@@ -145,9 +145,7 @@ def build_model(cfg, device):
         model.gpt.load_state_dict(gpt.state_dict())
     if cfg["vision_from"]:
         # the projector maps to DeepSeek-OCR's LM width (1280); for another n_embd only the towers carry over
-        towers_only = encoder_config.out_dim != 1280
-        encoder = load_deepseek_ocr_vision(cfg["vision_from"], encoder_config, device=device, towers_only=towers_only)
-        model.encoder.load_state_dict(encoder.state_dict())
+        load_deepseek_ocr_into(cfg["vision_from"], model.encoder, towers_only=encoder_config.out_dim != 1280)
     if cfg["sam_from"]:
         load_hf_sam(cfg["sam_from"], model.encoder)
     if cfg["clip_from"]:
@@ -234,9 +232,9 @@ def train(cfg):
         # every rank restores its own RNG and data position; the optimizer state (the same on all ranks) is rank 0's
         _, rank_state, meta = load_checkpoint(checkpoint_dir, resume_step, "cpu", load_optimizer=True, rank=rank,
                                               load_model=False)
-        _, rank0_state, _ = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=0,
-                                            load_model=False)
-        optimizer.load_state_dict(rank0_state["optimizer"])
+        rank0_state = rank_state if rank == 0 else load_checkpoint(
+            checkpoint_dir, resume_step, "cpu", load_optimizer=True, rank=0, load_model=False)[1]
+        optimizer.load_state_dict(rank0_state["optimizer"])  # moves the state to each parameter's device
         for group in optimizer.param_groups:  # learning rates come from this run's flags, not the saved ones
             group["initial_lr"] = lrs[group["name"]]
         torch.set_rng_state(rank_state["rng"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from configurator import configure
-from nanovlm.checkpoint import configs_from_meta, find_last_step, meta_path, prepare_adapters, read_meta
+from nanovlm.checkpoint import ADAPTER_KEYS, configs_from_meta, find_last_step, meta_path, prepare_adapters, read_meta
 from nanovlm.common import get_base_dir
 from nanovlm.deepencoder import DeepEncoder, LayerNorm2d
 from nanovlm.gpt import GPT
@@ -111,9 +111,7 @@ try:
         list_matches(f"4-bit targets {quant_targets!r}", find_targets(vlm, quant_targets, exclude=r"lm_head"))
     if lora_r > 0:
         list_matches(f"LoRA targets {lora_targets!r}", find_targets(vlm, lora_targets))
-    prepare_adapters(vlm, {"quant": quant, "double_quant": double_quant, "quant_targets": quant_targets,
-                           "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
-                           "lora_targets": lora_targets})
+    prepare_adapters(vlm, {k: user_config[k] for k in ADAPTER_KEYS})
 except ValueError as e:
     raise SystemExit(f"error: {e}")
 freeze(vlm, user_config)  # exactly what training freezes, after the adapters as in training
