@@ -7,6 +7,9 @@ ids (N from the image's size and the image mode); targets are -1 everywhere the 
 on the answer tokens whatever the image's length. Optional text-only conversations (JSONL) are mixed in at
 text_ratio.
 
+`--data=synth:KIND[,KIND...]:N[:SEED]` needs no files: record i is drawn by nanovlm.synth when the loader reaches
+it (kinds taken in turn, split "train"), so a long run sees N different images, never one twice per epoch.
+
 Order is a pure function of (seed, epoch, rank, position): every epoch is a fresh shuffle of all records, the
 same on every rank, and rank r takes every world_size-th of it. The yielded state (epoch, position, ...) is
 what a resumed run passes back to continue with exactly the next batch. Images are decoded and preprocessed
@@ -16,19 +19,51 @@ by a thread pool a few samples ahead of the training loop.
 import json
 import os
 import random
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from PIL import Image
 
-from nanovlm.image_process import count_image_tokens, load_image, preprocess
+from nanovlm.image_process import count_image_tokens, load_image, preprocess, resolve_mode
+from nanovlm.synth import RENDERERS, make_sample
 from nanovlm.tokenizer import IMAGE_PLACEHOLDER
 
 REQUIRED_FIELDS = ("id", "image", "prompt", "answer")
 
 
+class SynthRecords(Sequence):
+    """N synthetic records drawn on demand: records[i] renders sample i (its image is a PIL image in the record)."""
+
+    def __init__(self, spec):
+        parts = spec.split(":")
+        kinds = parts[1].split(",") if len(parts) > 1 else []
+        try:
+            self.n, self.seed = int(parts[2]), int(parts[3]) if len(parts) > 3 else 0
+        except (IndexError, ValueError):
+            self.n = 0
+        if len(parts) > 4 or self.n < 1 or not kinds or any(k not in RENDERERS for k in kinds):
+            raise ValueError(f"bad synthetic data spec {spec!r}: use synth:KIND[,KIND...]:N[:SEED] with N >= 1 and "
+                             f"kinds from {', '.join(RENDERERS)}")
+        self.kinds = kinds
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        record, image = make_sample(self.kinds[index % len(self.kinds)], self.seed, "train", index)
+        return dict(record, image=image)
+
+
 def load_records(path, strict=False):
-    """The records of a dataset JSON, image paths made absolute. A malformed record is reported and skipped
-    (strict: raises)."""
+    """The records of a dataset JSON, image paths made absolute, or SynthRecords for a "synth:" spec. A malformed
+    record is reported and skipped (strict: raises)."""
+    if path.startswith("synth:"):
+        return SynthRecords(path)
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -92,23 +127,54 @@ def report(message, strict):
     print(f"skipping: {message}")  # on every rank: each one sees its own records
 
 
-def render_record(record, tokenizer, image_mode, max_tokens, image=None):
-    """
-    One record -> (ids, mask, views) with views = (global_view, tiles, tiling). Raises ValueError naming it.
-    image: the record's image when the caller has already loaded it.
-    """
-    image = image or load_image(record["image"])
-    views = preprocess(image, image_mode)
+def load_record_image(record):
+    """The record's image: drawn already (synthetic records) or loaded from its file (ImageLoadError naming it)."""
+    image = record["image"]
+    return image if isinstance(image, Image.Image) else load_image(image)
+
+
+def render_ids(record, tokenizer, image_mode, image):
+    """The record's conversation as (ids, mask), with the image's <|image|> run."""
     conversation = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["answer"]}]
     n_image = count_image_tokens(image.width, image.height, image_mode)
-    ids, mask = tokenizer.render_conversation(conversation, image_tokens=[n_image])
+    return tokenizer.render_conversation(conversation, image_tokens=[n_image])
+
+
+def render_record(record, tokenizer, image_mode, max_tokens, image=None):
+    """
+    One record -> (ids, mask, views) with views = (global_view, tiles, tiling). Raises ValueError naming it,
+    also when the record does not fit in max_tokens: nothing is cut silently.
+    image: the record's image when the caller has already loaded it.
+    """
+    image = image or load_record_image(record)
+    views = preprocess(image, image_mode)
+    ids, mask = render_ids(record, tokenizer, image_mode, image)
     if len(ids) > max_tokens:
-        # cut the answer, never the image (render_conversation refuses to cut an image)
-        print(f"warning: record {record['id']}: {len(ids)} tokens, answer truncated to fit {max_tokens}")
-        ids, mask = tokenizer.render_conversation(conversation, image_tokens=[n_image], max_tokens=max_tokens)
-    if sum(mask) == 0:
-        raise ValueError(f"no room for any answer token in {max_tokens} tokens (prompt and image fill it)")
+        raise ValueError(f"{len(ids) - 1} tokens, more than the sequence length {max_tokens - 1} "
+                         f"(raise --max_seq_len)")
     return ids, mask, views
+
+
+def longest_record(records, tokenizer, image_mode, probe=2000):
+    """(tokens, id) of the longest training sample (its input length, ids minus one). Every record of a dataset
+    file (images opened for their size only); the first `probe` of a synthetic stream."""
+    longest = (0, None)
+    for index in range(min(len(records), probe) if isinstance(records, SynthRecords) else len(records)):
+        record = records[index]
+        try:
+            image = record["image"]
+            if not isinstance(image, Image.Image):
+                image = load_image(image) if count_depends_on_size(image_mode) else Image.new("RGB", (64, 64))
+            ids, _ = render_ids(record, tokenizer, image_mode, image)
+        except ValueError:
+            continue  # a bad record is reported and skipped where it is read
+        longest = max(longest, (len(ids) - 1, record["id"]), key=lambda t: t[0])
+    return longest
+
+
+def count_depends_on_size(image_mode):
+    """Whether an image's token count depends on its size: only in tiling modes."""
+    return resolve_mode(image_mode).tile_size is not None
 
 
 def render_text(conversation, tokenizer, max_tokens):

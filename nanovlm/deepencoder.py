@@ -54,6 +54,19 @@ class DeepEncoderConfig:
     # how SAM adds its relative positions: "folded" (exact, no (HW, HW) bias tensor) or "dense" (the reference's
     # float attention mask, kept for tests and the benchmark). Changes no weights.
     sam_rel_pos: str = "folded"
+    # Two additions for training small encoders from scratch; both off for DeepSeek-OCR's weights (no keys).
+    # proj_norm_grid (rows, cols): normalise the projector output across the batch, per position and channel,
+    # without affine (BatchNorm; running statistics at eval). It removes the part of the features that is the
+    # same for every image, the "soft prompt" a from-scratch encoder otherwise collapses into.
+    proj_norm_grid: tuple = ()
+    # ctc_rows: the SAM neck's height in rows at the training mode; > 0 adds a linear read-out of each neck column
+    # into ctc_classes (bytes + a blank) for an auxiliary CTC loss, so that SAM learns to see characters early.
+    ctc_rows: int = 0
+    ctc_classes: int = 257
+
+    def token_grid(self, height, width):
+        """(rows, cols) of the projected grid for an H x W view: 16 px patches, then two stride-2 convs."""
+        return (math.ceil(height // self.sam_patch_size / 4), math.ceil(width // self.sam_patch_size / 4))
 
     @classmethod
     def tiny(cls, **overrides):
@@ -73,10 +86,11 @@ tiny_config = DeepEncoderConfig.tiny
 
 
 def interpolate_grid(grid, size):
-    """Resize a (1, C, g, g) position grid to (size, size) the way the reference does: bicubic with antialias, in
-    float32. antialias=True changes the cubic kernel (PIL's -0.5 instead of -0.75), so it matters even when
-    upsampling."""
-    resized = F.interpolate(grid.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    """Resize a (1, C, g, g) position grid to size (an int, or (rows, cols)) the way the reference does: bicubic
+    with antialias, in float32. antialias=True changes the cubic kernel (PIL's -0.5 instead of -0.75), so it
+    matters even when upsampling."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    resized = F.interpolate(grid.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return resized.to(grid.dtype)
 
 
@@ -264,26 +278,37 @@ class Sam(nn.Module):
         # no activation or norm between or after these two
         self.net_2 = nn.Conv2d(d, config.net2_dim, kernel_size=3, stride=2, padding=1, bias=False)
         self.net_3 = nn.Conv2d(config.net2_dim, config.clip_dim, kernel_size=3, stride=2, padding=1, bias=False)
+        if config.ctc_rows > 0:
+            self.ctc_head = nn.Linear(d * config.ctc_rows, config.ctc_classes)
         self.gradient_checkpointing = False
 
-    def abs_pos(self, size):
-        """pos_embed for a size x size token grid: (1, size, size, C)."""
+    def abs_pos(self, rows, cols):
+        """pos_embed for a rows x cols token grid: (1, rows, cols, C)."""
         pos = self.pos_embed
-        if pos.shape[1] == size:
+        if pos.shape[1:3] == (rows, cols):
             return pos
-        return interpolate_grid(pos.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
+        return interpolate_grid(pos.permute(0, 3, 1, 2), (rows, cols)).permute(0, 2, 3, 1)
 
-    def forward(self, pixels):
-        x = self.patch_embed(pixels)  # (B, S/16, S/16, C)
-        assert x.shape[1] == x.shape[2], f"SAM expects square inputs, got a {x.shape[1]}x{x.shape[2]} token grid"
-        x = x + self.abs_pos(x.shape[1])
+    def ctc_logits(self, neck):
+        """(B, neck_dim, rows, cols) neck map -> (cols, B, ctc_classes) log-probabilities, one step per column."""
+        B, C, rows, cols = neck.shape
+        if rows != self.ctc_head.in_features // C:
+            raise ValueError(f"the CTC read-out was built for {self.ctc_head.in_features // C} neck rows, the image "
+                             f"gives {rows} (train and read in the same image mode)")
+        columns = neck.permute(3, 0, 1, 2).reshape(cols, B, C * rows)
+        return F.log_softmax(self.ctc_head(columns).float(), dim=-1)
+
+    def forward(self, pixels, return_neck=False):
+        x = self.patch_embed(pixels)  # (B, H/16, W/16, C)
+        x = x + self.abs_pos(x.shape[1], x.shape[2])
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        x = self.neck(x.permute(0, 3, 1, 2))  # (B, neck_dim, S/16, S/16)
-        return self.net_3(self.net_2(x))  # (B, clip_dim, S/64, S/64)
+        neck = self.neck(x.permute(0, 3, 1, 2))  # (B, neck_dim, H/16, W/16)
+        out = self.net_3(self.net_2(neck))  # (B, clip_dim, H/64, W/64)
+        return (out, neck) if return_neck else out
 
 
 # -----------------------------------------------------------------------------
@@ -307,14 +332,13 @@ class ClipEmbeddings(nn.Module):
 
     def forward(self, patch_embeds):  # (B, C, h, w) from SAM
         B, C, h, w = patch_embeds.shape
-        assert h == w, f"CLIP expects a square token grid, got {h}x{w}"
         x = patch_embeds.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
         cls = self.class_embedding.to(x.dtype).expand(B, 1, C)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, C)
         pos = self.position_embedding.weight  # (1 + g*g, C); row 0 is CLS
-        if h != self.grid:
+        if (h, w) != (self.grid, self.grid):
             g = self.grid
-            patch_pos = interpolate_grid(pos[1:].reshape(1, g, g, C).permute(0, 3, 1, 2), h)  # (1, C, h, h)
+            patch_pos = interpolate_grid(pos[1:].reshape(1, g, g, C).permute(0, 3, 1, 2), (h, w))  # (1, C, h, w)
             pos = torch.cat([pos[:1], patch_pos.flatten(2)[0].t()], dim=0)
         return x + pos.to(x.dtype)
 
@@ -403,6 +427,9 @@ class DeepEncoder(nn.Module):
         self.projector = Projector(2 * config.clip_dim, config.out_dim)
         self.image_newline = nn.Parameter(torch.zeros(config.out_dim))
         self.view_seperator = nn.Parameter(torch.zeros(config.out_dim))  # (sic), as in the checkpoint
+        if config.proj_norm_grid:
+            rows, cols = config.proj_norm_grid
+            self.proj_norm = nn.BatchNorm1d(rows * cols * config.out_dim, affine=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -436,17 +463,33 @@ class DeepEncoder(nn.Module):
         self.sam.gradient_checkpointing = enabled
         self.clip.gradient_checkpointing = enabled
 
-    def forward(self, pixels):
+    def forward(self, pixels, return_neck=False):
         """
-        pixels: (B, 3, S, S) normalised images (S a multiple of 64; see image_process.preprocess).
-        Returns the projected features (B, (S/64)^2, out_dim), row-major over the S/64 x S/64 grid, no newlines.
+        pixels: (B, 3, H, W) normalised images (H, W multiples of 64; see image_process.preprocess).
+        Returns the projected features (B, h*w, out_dim), row-major over the h x w = H/64 x W/64 grid, no newlines;
+        with return_neck also SAM's neck map (B, neck_dim, H/16, W/16).
         """
-        assert pixels.ndim == 4 and pixels.shape[1] == 3, f"expected (B, 3, S, S) pixels, got {tuple(pixels.shape)}"
-        sam_map = self.sam(pixels)  # (B, C, n, n)
-        clip_tokens = self.clip(sam_map)[:, 1:]  # (B, n*n, C), CLS dropped
-        sam_tokens = sam_map.flatten(2).transpose(1, 2)  # (B, n*n, C), same row-major order
-        features = torch.cat([clip_tokens, sam_tokens], dim=-1)  # CLIP first, then SAM
-        return self.projector(features)
+        assert pixels.ndim == 4 and pixels.shape[1] == 3, f"expected (B, 3, H, W) pixels, got {tuple(pixels.shape)}"
+        sam_map, neck = self.sam(pixels, return_neck=True)  # (B, C, h, w)
+        clip_tokens = self.clip(sam_map)[:, 1:]  # (B, h*w, C), CLS dropped
+        sam_tokens = sam_map.flatten(2).transpose(1, 2)  # (B, h*w, C), same row-major order
+        features = self.projector(torch.cat([clip_tokens, sam_tokens], dim=-1))  # CLIP first, then SAM
+        if self.config.proj_norm_grid:
+            features = self.normalize_across_images(features)
+        return (features, neck) if return_neck else features
+
+    def normalize_across_images(self, features):
+        """proj_norm: each (position, channel) standardised over the batch (running statistics at eval; also for
+        a batch of one image, whose own statistics would be meaningless)."""
+        B, P, D = features.shape
+        if P * D != self.proj_norm.num_features:
+            raise ValueError(f"proj_norm was built for a {'x'.join(map(str, self.config.proj_norm_grid))} grid, "
+                             f"the image gives {P} positions (train and read in the same image mode)")
+        norm = self.proj_norm
+        use_batch = self.training and B > 1
+        flat = F.batch_norm(features.reshape(B, P * D).float(), norm.running_mean, norm.running_var,
+                            training=use_batch, momentum=norm.momentum, eps=norm.eps)
+        return flat.to(features.dtype).view(B, P, D)
 
     def with_newlines(self, grid):
         """(rows, cols, D) -> (rows * (cols + 1), D): image_newline after every row."""
@@ -454,18 +497,21 @@ class DeepEncoder(nn.Module):
         newline = self.image_newline.to(grid.dtype).expand(rows, 1, grid.shape[-1])
         return torch.cat([grid, newline], dim=1).flatten(0, 1)
 
-    def layout(self, global_features, tile_features=None, tiling=(1, 1)):
+    def layout(self, global_features, tile_features=None, tiling=(1, 1), grid=None):
         """
         One image's sequence for the language model, in the reference order:
           [stitched tile grid, a newline per row] + [global grid, a newline per row] + [view_seperator]
-        global_features: (n*n, D) projected features of the global view.
+        global_features: (rows*cols, D) projected features of the global view; grid (rows, cols), None = square.
         tile_features: (P, m*m, D) projected features of the P = w*h tiles in row-major tile order, or None.
         tiling: (w, h) tile columns and rows, width first (images_spatial_crop); (1, 1) = no tiles.
         Returns (N, D) with N = count_image_tokens(...) of the same image and mode.
         """
-        n = math.isqrt(global_features.shape[0])
+        if grid is None:
+            n = math.isqrt(global_features.shape[0])
+            grid = (n, n)
         D = global_features.shape[-1]
-        assert n * n == global_features.shape[0], f"global features {tuple(global_features.shape)} are not a square grid"
+        assert grid[0] * grid[1] == global_features.shape[0], \
+            f"global features {tuple(global_features.shape)} are not a {grid[0]}x{grid[1]} grid"
         parts = []
         if tile_features is not None and len(tile_features) > 0:
             w, h = tiling
@@ -475,44 +521,47 @@ class DeepEncoder(nn.Module):
             # tile i sits at column i % w, row i // w; stitch them into one (h*m, w*m) grid
             stitched = tile_features.view(h, w, m, m, D).permute(0, 2, 1, 3, 4).reshape(h * m, w * m, D)
             parts.append(self.with_newlines(stitched))
-        parts.append(self.with_newlines(global_features.view(n, n, D)))
+        parts.append(self.with_newlines(global_features.view(*grid, D)))
         parts.append(self.view_seperator.to(global_features.dtype)[None])
         return torch.cat(parts, dim=0)
 
     def encode_image(self, global_view, tiles=None, tiling=(1, 1)):
         """
         One preprocessed image -> its (N, out_dim) token sequence. Arguments as image_process.preprocess returns
-        them: global_view (3, G, G), tiles (P, 3, T, T) or None, tiling (w, h).
+        them: global_view (3, H, W), tiles (P, 3, T, T) or None, tiling (w, h).
         """
-        global_features = self(global_view[None])[0]
-        tile_features = self(tiles) if tiles is not None and len(tiles) > 0 else None
-        return self.layout(global_features, tile_features, tiling)
+        return self.encode_images([(global_view, tiles, tiling)])[0]
 
-    def encode_images(self, images):
+    def encode_images(self, images, return_necks=False):
         """
         Many preprocessed images (each a (global_view, tiles, tiling) triple) -> a list of (N_i, out_dim)
-        sequences. Views of the same size go through the encoder as one batch.
+        sequences (and with return_necks, the SAM neck map of each global view). Views of the same shape go
+        through the encoder as one batch.
         """
         views = [img[0][None] for img in images] + [img[1] for img in images if img[1] is not None and len(img[1])]
-        by_size = {}
+        by_shape = {}
         for v in views:
-            by_size.setdefault(v.shape[-1], []).append(v)
-        features = {size: self(torch.cat(vs)) for size, vs in by_size.items()}
-        taken = {size: 0 for size in features}
+            by_shape.setdefault(tuple(v.shape[-2:]), []).append(v)
+        outputs = {shape: self(torch.cat(vs), return_neck=True) for shape, vs in by_shape.items()}
+        taken = {shape: 0 for shape in outputs}
 
-        def take(size, count):
-            out = features[size][taken[size]:taken[size] + count]
-            taken[size] += count
-            return out
+        def take(view, count):
+            shape = tuple(view.shape[-2:])
+            features, neck = outputs[shape]
+            start = taken[shape]
+            taken[shape] += count
+            return features[start:start + count], neck[start:start + count]
 
         # hand the features back in the order the views were queued: all global views first, then the tiles
-        globals_ = [take(img[0].shape[-1], 1)[0] for img in images]
-        sequences = []
-        for img, global_features in zip(images, globals_):
+        globals_ = [take(img[0], 1) for img in images]
+        sequences, necks = [], []
+        for img, (global_features, neck) in zip(images, globals_):
             tiles = img[1]
-            tile_features = take(tiles.shape[-1], len(tiles)) if tiles is not None and len(tiles) else None
-            sequences.append(self.layout(global_features, tile_features, img[2]))
-        return sequences
+            tile_features = take(tiles, len(tiles))[0] if tiles is not None and len(tiles) else None
+            grid = self.config.token_grid(*img[0].shape[-2:])
+            sequences.append(self.layout(global_features[0], tile_features, img[2], grid))
+            necks.append(neck[0])
+        return (sequences, necks) if return_necks else sequences
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -1,16 +1,22 @@
 """
 Evaluate a model on dataset records: greedy answers through the engine, teacher-forced loss on the reference
-answer, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py and training-time eval.
+answer, the image gap, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py and training-time eval.
+
+The image gap says whether the model uses the image at all: the teacher-forced answer loss with each record's
+image swapped for another record's, minus the loss with its own image. A model that reads has a large gap (the
+wrong image makes the right answer unlikely); one that ignores the image, whatever it answers, has a gap of ~0.
 """
 
 import contextlib
 
 import torch
 
-from nanovlm.dataloader import collate, render_record
+from nanovlm.dataloader import collate, load_record_image, render_record
 from nanovlm.engine import Engine
-from nanovlm.image_process import count_image_tokens, load_image
+from nanovlm.image_process import count_image_tokens
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
+
+IMAGE_GAP_WARN = 0.05  # nats per answer token: below this the model barely looks at its images
 
 
 def score(pred, ref):
@@ -31,46 +37,106 @@ def prompt_ids(tokenizer, prompt, image, image_mode):
     return tokenizer.render_for_completion([{"role": "user", "content": prompt}], image_tokens=[n_image])
 
 
-def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, autocast=None):
-    """One dict per record: id, prediction, reference, loss and the measures of score()."""
+def swapped_images(inputs, images, image_token_id):
+    """
+    The batch's images rolled by one among the rows whose image runs have the same length (so each row gets
+    another record's image in its own slots), and the mask of rows that got one. Rows hold one image each.
+    """
+    counts = (inputs == image_token_id).sum(dim=1).tolist()
+    rows = [r for r, c in enumerate(counts) if c > 0]
+    assert len(rows) == len(images), "image gap: every image row holds exactly one image"
+    image_of_row = dict(zip(rows, images))
+    swapped, got_other = dict(image_of_row), torch.zeros(len(counts), dtype=torch.bool)
+    for count in set(counts[r] for r in rows):
+        group = [r for r in rows if counts[r] == count]
+        if len(group) > 1:
+            for r, donor in zip(group, group[1:] + group[:1]):
+                swapped[r] = image_of_row[donor]
+                got_other[r] = True
+    return [swapped[r] for r in rows], got_other
+
+
+@torch.no_grad()
+def image_gap_losses(model, inputs, targets, images):
+    """(own, swapped, tokens): summed answer losses with the right and with swapped images over the rows that
+    could be swapped, and the number of answer tokens they hold."""
+    other, got_other = swapped_images(inputs, images, model.image_token_id)
+    mask = (targets != -1) & got_other.to(targets.device)[:, None]
+    if not mask.any():
+        return 0.0, 0.0, 0
+    B, T = targets.shape
+    per_token = lambda imgs: model(inputs, images=imgs, targets=targets, loss_reduction="none").view(B, T)
+    own = per_token(images)[mask].sum().item()
+    swapped = per_token(other)[mask].sum().item()
+    return own, swapped, int(mask.sum())
+
+
+def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, autocast=None, gap_batch=16):
+    """
+    One dict per record: id, prediction, reference, loss, swapped_loss (its answer's loss under another record's
+    image, None where no other record has an image run of the same length) and the measures of score().
+    """
     engine = Engine(model, tokenizer)
     device = model.get_device()
     max_tokens = model.config.sequence_len + 1
-    samples = []
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    samples, pending = [], []  # pending: (sample, rendered) waiting for their swapped loss, gap_batch at a time
     was_training = model.training
     model.eval()
+    context = autocast or contextlib.nullcontext()
+
+    def flush():
+        inputs, targets, images = collate([rendered for _, rendered in pending], pad_id, device)
+        other, got_other = swapped_images(inputs, images, model.image_token_id)
+        with torch.no_grad(), context:
+            B, T = targets.shape
+            losses = model(inputs, images=other, targets=targets, loss_reduction="none").view(B, T).float()
+        for row, (sample, _) in enumerate(pending):
+            keep = targets[row] != -1
+            if got_other[row] and keep.any():
+                sample["swapped_loss"] = losses[row][keep].mean().item()
+        pending.clear()
+
     for record in records:
         try:
-            image = load_image(record["image"])
-        except ValueError as e:  # an unreadable image scores as an empty answer, it does not stop the eval
+            image = load_record_image(record)
+            rendered = render_record(record, tokenizer, image_mode, max_tokens, image)
+        except ValueError as e:  # an unreadable or overlong record scores as an empty answer, the eval goes on
             print(f"record {record['id']}: {e}")
-            samples.append(dict(id=record["id"], prediction="", reference=record["answer"], loss=None, error=str(e),
-                                **score("", record["answer"])))
+            samples.append(dict(id=record["id"], prediction="", reference=record["answer"], loss=None,
+                                swapped_loss=None, error=str(e), **score("", record["answer"])))
             continue
         # the image is decoded and preprocessed once: for the teacher-forced loss and for generation
-        inputs, targets, images = collate([render_record(record, tokenizer, image_mode, max_tokens, image)],
-                                          tokenizer.encode_special("<|assistant_end|>"), device)
+        inputs, targets, images = collate([rendered], pad_id, device)
         ids = prompt_ids(tokenizer, record["prompt"], image, image_mode)
         budget = min(max_new_tokens, model.config.sequence_len * 10 - len(ids))
-        with torch.no_grad(), autocast or contextlib.nullcontext():
+        with torch.no_grad(), context:
             loss = model(inputs, images=images, targets=targets).item()  # mean cross-entropy of the answer
             out, _ = engine.generate_batch(ids, images=images, max_tokens=budget, temperature=0.0)
         pred = tokenizer.decode(out[0][len(ids):])
-        samples.append(dict(id=record["id"], prediction=pred, reference=record["answer"], loss=loss,
-                            **score(pred, record["answer"])))
+        sample = dict(id=record["id"], prediction=pred, reference=record["answer"], loss=loss, swapped_loss=None,
+                      **score(pred, record["answer"]))
+        samples.append(sample)
+        pending.append((sample, rendered))
+        if len(pending) == gap_batch:
+            flush()
+    if len(pending) > 1:
+        flush()
     model.train(was_training)
     return samples
 
 
 def summarize(samples):
-    """The summary of a list of scored samples (means over samples; box measures over samples with boxes)."""
+    """The summary of a list of scored samples (means over samples; box measures over samples with boxes;
+    image_gap over samples with both losses)."""
     n = len(samples)
     def mean(key, rows):
         values = [s[key] for s in rows if s.get(key) is not None]
         return sum(values) / len(values) if values else None
     boxed = [s for s in samples if "det_rate" in s]
     exact = sum(bool(s["exact"]) for s in samples)
+    gaps = [s["swapped_loss"] - s["loss"] for s in samples if s.get("swapped_loss") is not None]
     return {"n": n, "exact": exact, "exact_rate": exact / n if n else 0.0, "cer": mean("cer", samples),
             "ned": mean("ned", samples), "word_precision": mean("word_precision", samples),
-            "loss": mean("loss", samples), "det_rate": mean("det_rate", boxed), "iou": mean("iou", boxed),
-            "samples": samples}
+            "loss": mean("loss", samples), "image_gap": sum(gaps) / len(gaps) if gaps else None,
+            "det_rate": mean("det_rate", boxed), "iou": mean("iou", boxed), "samples": samples}

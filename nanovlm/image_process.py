@@ -11,7 +11,8 @@ that turns anything PIL opens into RGB or fails with one clear error.
 | gundam  | 1024, letterboxed                 | 640 px, 2..6 (or 9), if > 640 | 273 + tiles       |
 
 Custom sizes (for the tiny CPU encoder, or experiments): "resize:S" squashes to S x S, "pad:S" letterboxes to
-S x S, "gundam:T:G" tiles at T px (when a side exceeds T) with a G px global view. S, T, G are multiples of 64.
+S x S, "gundam:T:G" tiles at T px (when a side exceeds T) with a G px global view, and "rect:W:H" squashes to a
+W x H rectangle (a text line keeps its shape: rect:2048:64 gives one row of 32 tokens). Sizes are multiples of 64.
 
 Pixels are normalised with mean 0.5, std 0.5 to [-1, 1]; the letterbox grey (127, 127, 127) becomes -1/255.
 """
@@ -24,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-# global_size: side of the global view; squash: resize to a square (True) or letterbox (False);
-# tile_size: side of a tile, None for modes without tiles
-ImageMode = namedtuple("ImageMode", "global_size squash tile_size")
+# global_size: width of the global view; squash: resize to it (True) or letterbox (False); tile_size: side of a
+# tile, None for modes without tiles; global_height: height of a rectangular global view, None for a square one
+ImageMode = namedtuple("ImageMode", "global_size squash tile_size global_height", defaults=(None,))
 
 MODES = {
     "tiny": ImageMode(512, True, None),
@@ -47,7 +48,7 @@ class ImageLoadError(ValueError):
 
 PreprocessedImage = namedtuple("PreprocessedImage", "global_view tiles tiling")
 PreprocessedImage.__doc__ = """
-global_view: (3, G, G) float tensor.
+global_view: (3, H, W) float tensor (H = W but in rect modes).
 tiles: (P, 3, T, T) float tensor in row-major tile order, or None when the image is not tiled.
 tiling: (w, h) tile columns and rows, width first; (1, 1) when not tiled.
 """
@@ -64,18 +65,26 @@ def resolve_mode(mode):
         sizes = [int(s) for s in sizes]
     except ValueError:
         sizes = []
-    shapes = {"resize": 1, "pad": 1, "gundam": 2}
+    shapes = {"resize": 1, "pad": 1, "gundam": 2, "rect": 2}
     if kind not in shapes or len(sizes) != shapes[kind] or any(s <= 0 or s % 64 for s in sizes):
-        raise ValueError(f"unknown image mode {mode!r}: use one of {', '.join(MODES)}, or 'resize:S', 'pad:S' "
-                         f"or 'gundam:T:G' with sizes that are positive multiples of 64")
+        raise ValueError(f"unknown image mode {mode!r}: use one of {', '.join(MODES)}, or 'resize:S', 'pad:S', "
+                         f"'gundam:T:G' or 'rect:W:H' with sizes that are positive multiples of 64")
     if kind == "gundam":
         return ImageMode(sizes[1], False, sizes[0])
+    if kind == "rect":
+        return ImageMode(sizes[0], True, None, sizes[1])
     return ImageMode(sizes[0], kind == "resize", None)
 
 
 def grid_side(size):
     """Tokens per side of the encoder's output grid for a size x size input (16x patches, then two stride-2 convs)."""
     return math.ceil((size // 16) / 4)
+
+
+def global_shape(mode):
+    """(width, height) of the mode's global view."""
+    mode = resolve_mode(mode)
+    return mode.global_size, mode.global_height or mode.global_size
 
 
 # -----------------------------------------------------------------------------
@@ -116,8 +125,9 @@ def count_image_tokens(width, height, mode, max_tiles=MAX_TILES):
     separator. width, height: the image's size after EXIF rotation (what load_image returns).
     """
     mode = resolve_mode(mode)
-    n = grid_side(mode.global_size)
-    count = n * (n + 1) + 1
+    width_px, height_px = global_shape(mode)
+    rows, cols = grid_side(height_px), grid_side(width_px)
+    count = rows * (cols + 1) + 1
     w, h = choose_tiling(width, height, mode, max_tiles)
     if (w, h) != (1, 1):
         m = grid_side(mode.tile_size)
@@ -135,12 +145,11 @@ def to_tensor(image):
 
 
 def global_view(image, mode):
-    """The whole image at the mode's global size: squashed (tiny, small) or letterboxed on grey, keeping the
+    """The whole image at the mode's global size: squashed (tiny, small, rect) or letterboxed on grey, keeping the
     aspect ratio and upscaling small images too (base, large, gundam)."""
-    size = mode.global_size
     if mode.squash:
-        return image.resize((size, size), Image.Resampling.BICUBIC)
-    return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC, color=PAD_COLOR)
+        return image.resize(global_shape(mode), Image.Resampling.BICUBIC)
+    return ImageOps.pad(image, global_shape(mode), method=Image.Resampling.BICUBIC, color=PAD_COLOR)
 
 
 def make_tiles(image, tiling, tile_size):

@@ -5,7 +5,7 @@ variables and call train(config); everything they share lives here once.
 
 One step: grad_accum micro-batches (inputs, targets, images) -> VLM loss -> backward, clip, AdamW with one
 param group per component, LR schedule (warmup, constant, warmdown). Every eval_every steps: validation loss,
-a few greedy samples scored with the shared metrics, and a collapse monitor on the vision features.
+a few greedy samples scored with the shared metrics, and the image gap (does the model use the image?).
 """
 
 import contextlib
@@ -22,8 +22,8 @@ from nanovlm.checkpoint import (ADAPTER_KEYS, adapter_path, find_last_step, load
                                 meta_path, prepare_adapters, read_meta, save_checkpoint)
 from nanovlm.lora import load_adapter
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
-from nanovlm.dataloader import eval_batches, load_conversations, load_records, vision_batches
-from nanovlm.evaluate import evaluate_records, summarize
+from nanovlm.dataloader import eval_batches, load_conversations, load_records, longest_record, vision_batches
+from nanovlm.evaluate import IMAGE_GAP_WARN, evaluate_records, image_gap_losses, summarize
 from nanovlm.image_process import resolve_mode
 from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
 from nanovlm.vlm import build_vlm, model_meta, preset_configs
@@ -85,24 +85,16 @@ def freeze(model, cfg):
             p.requires_grad_(False)
 
 
-@torch.no_grad()
-def collapse_monitor(encoder, images):
-    """
-    Mean pairwise cosine similarity of the pooled features of different images, after SAM + compressor and
-    after the projector. Near 1 means the encoder maps every image to the same thing (collapse).
-    """
-    if len(images) < 2:
-        return None, None
-    pixels = torch.stack([img[0] for img in images])
-    sam_map = encoder.sam(pixels)  # (B, C, n, n)
-    pooled = [sam_map.mean(dim=(2, 3)), encoder(pixels).mean(dim=1)]
-    out = []
-    for feats in pooled:
-        f = torch.nn.functional.normalize(feats.float(), dim=-1)
-        sim = f @ f.T
-        n = sim.size(0)
-        out.append(((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item())
-    return tuple(out)
+def ctc_targets_of(inputs, targets, tokenizer, image_token_id):
+    """The text each image of the batch shows, as byte tensors for the CTC read-out: the answer of every row that
+    holds an image (its supervised tokens without the special ones), in the batch's image order."""
+    specials = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    texts = []
+    for row in range(inputs.size(0)):
+        if (inputs[row] == image_token_id).any():
+            ids = [t for t in targets[row].tolist() if t != -1 and t not in specials]
+            texts.append(torch.tensor(list(tokenizer.decode(ids).encode("utf-8")), dtype=torch.long))
+    return texts
 
 
 def peak_flops(device):
@@ -136,7 +128,7 @@ def build_model(cfg, device):
     else:
         gpt = None
         tokenizer = get_tokenizer(cfg["tokenizer_dir"] or None)
-    gpt_config, encoder_config, image_mode = preset_configs(cfg["model"], tokenizer.get_vocab_size())
+    gpt_config, encoder_config, image_mode = preset_configs(cfg["model"], tokenizer.get_vocab_size(), cfg["image_mode"])
     if gpt is not None:
         gpt_config = gpt.config
         encoder_config.out_dim = gpt_config.n_embd
@@ -150,7 +142,7 @@ def build_model(cfg, device):
         load_hf_sam(cfg["sam_from"], model.encoder)
     if cfg["clip_from"]:
         load_hf_clip(cfg["clip_from"], model.encoder)
-    return model, tokenizer, cfg["image_mode"] or image_mode, None
+    return model, tokenizer, image_mode, None
 
 
 def setup_model(cfg, checkpoint_dir, device, master):
@@ -218,7 +210,7 @@ def train(cfg):
     records = load_records(cfg["data"], cfg["strict"])
     val_records = load_records(cfg["val_data"], cfg["strict"]) if cfg["val_data"] else records
     texts = load_conversations(cfg["text_data"]) if cfg["text_data"] and cfg["text_ratio"] > 0 else None
-    max_tokens = model.config.sequence_len + 1
+    max_tokens = sequence_length(model, tokenizer, records, texts, image_mode, cfg["max_seq_len"]) + 1
     examples_per_micro = cfg["device_batch_size"] * world_size
     assert cfg["total_batch_size"] % examples_per_micro == 0, \
         f"total_batch_size {cfg['total_batch_size']} must be a multiple of device_batch_size x world size = {examples_per_micro}"
@@ -252,6 +244,8 @@ def train(cfg):
                       find_unused_parameters=texts is not None) if ddp else model
 
     gpt_flops, encoder_flops = model.estimate_flops(model.config.sequence_len, resolve_mode(image_mode).global_size)
+    use_ctc = model.encoder.config.ctc_rows > 0 and cfg["ctc_weight"] > 0
+    image_token_id = model.image_token_id
     flops_peak = peak_flops(device)
     num_iterations = cfg["num_iterations"]
     smooth_loss = loop_state.get("smooth_loss", 0.0)
@@ -288,13 +282,19 @@ def train(cfg):
         # ---- one optimizer step
         synchronize()
         t0 = time.time()
-        tokens, n_images, loss_sum = 0, 0, 0.0
+        tokens, n_images, loss_sum, ctc_sum = 0, 0, 0.0, 0.0
         for micro in range(grad_accum):
             inputs, targets, images, consumed_state = batch
             sync = not ddp or micro == grad_accum - 1  # DDP all-reduces only on the last micro-batch
             with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast:
-                loss = train_model(inputs, images=images, targets=targets)
-            (loss / grad_accum).backward()
+                if use_ctc:
+                    ctc_targets = ctc_targets_of(inputs, targets, tokenizer, image_token_id)
+                    loss, ctc = train_model(inputs, images=images, targets=targets, ctc_targets=ctc_targets)
+                    ctc_sum += ctc.detach()
+                    total = loss + cfg["ctc_weight"] * ctc
+                else:
+                    loss = total = train_model(inputs, images=images, targets=targets)
+            (total / grad_accum).backward()
             loss_sum += loss.detach()
             tokens += inputs.numel()
             n_images += len(images)
@@ -302,6 +302,7 @@ def train(cfg):
         train_loss = loss_sum / grad_accum
         if ddp:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        ctc_loss = float(ctc_sum) / grad_accum  # this rank's, for the log line only
         lrm = lr_multiplier(step, num_iterations, cfg["warmup_ratio"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
         if not torch.isfinite(train_loss):
             # a NaN/inf step is skipped, not applied; several in a row mean the run has diverged
@@ -334,8 +335,9 @@ def train(cfg):
         tok_per_sec = int(tokens / dt)
         flops = gpt_flops * tokens + encoder_flops * n_images
         mfu = f"{100 * flops / dt / (flops_peak * world_size):.2f}" if flops_peak else "-"
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {debiased:.6f} | "
-               f"lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | tok/sec {tok_per_sec:,} | mfu {mfu} | "
+        ctc_part = f" | ctc {ctc_loss:.4f}" if use_ctc else ""
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {debiased:.6f}"
+               f"{ctc_part} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | tok/sec {tok_per_sec:,} | mfu {mfu} | "
                f"total time {total_time / 60:.2f}m")
         if step % 10 == 0:
             logger.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
@@ -350,43 +352,64 @@ def train(cfg):
     return metrics
 
 
+def sequence_length(model, tokenizer, records, texts, image_mode, max_seq_len):
+    """
+    The longest sample the run trains on (tokens, not counting the shifted target): max_seq_len, or by default
+    the longest record of the training data. A record longer than max_seq_len stops the run here, before any
+    step, with its name; so does one longer than the model's rotary table.
+    """
+    longest, name = longest_record(records, tokenizer, image_mode)
+    for i, conversation in enumerate(texts or []):
+        n = len(tokenizer.render_conversation(conversation)[0]) - 1
+        if n > longest:
+            longest, name = n, f"text conversation {i + 1}"
+    length = max_seq_len or longest
+    if longest > length:
+        raise SystemExit(f"record {name} is {longest} tokens, longer than --max_seq_len={max_seq_len}: raise it "
+                         f"(or leave it 0, the longest record) or drop the record")
+    capacity = model.gpt.cos.size(1)
+    if length > capacity:
+        raise SystemExit(f"sequence length {length} (record {name}) exceeds this model's rotary table of {capacity}")
+    model.config.sequence_len = max(length, 1)  # what the checkpoint's meta and the eval budgets see
+    print0(f"sequence length {length} tokens (longest training record: {name}, {longest} tokens)")
+    return length
+
+
 def run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step):
-    """Validation loss (all ranks), then generated samples and the collapse monitor (rank 0)."""
+    """Validation loss and image gap (all ranks), then generated samples (rank 0)."""
     model.eval()
     max_tokens = model.config.sequence_len + 1
-    loss_sum = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss x tokens, tokens, gap x tokens, gap tokens
+    own_sum = swapped_sum = gap_tokens = 0.0
     with torch.no_grad(), autocast:
         for inputs, targets, images in eval_batches(val_records[:cfg["eval_records"]], tokenizer,
                                                     cfg["device_batch_size"], max_tokens, image_mode, device,
                                                     rank, world_size):
             n = (targets != -1).sum()
-            loss_sum += model(inputs, images=images, targets=targets) * n
-            count += n
+            sums[0] += model(inputs, images=images, targets=targets).double() * n
+            sums[1] += n
+            own, swapped, k = image_gap_losses(model, inputs, targets, images)
+            own_sum, swapped_sum, gap_tokens = own_sum + own, swapped_sum + swapped, gap_tokens + k
+    sums[2], sums[3] = swapped_sum - own_sum, gap_tokens
     if world_size > 1:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(count)
-    metrics = {"val/loss": (loss_sum / count.clamp(min=1)).item()}
+        dist.all_reduce(sums)
+    metrics = {"val/loss": (sums[0] / sums[1].clamp(min=1)).item()}
+    if sums[3] > 0:
+        metrics["val/image_gap"] = (sums[2] / sums[3]).item()
     if rank == 0 and cfg["eval_samples"] > 0:
         summary = summarize(evaluate_records(model, tokenizer, val_records[:cfg["eval_samples"]], image_mode,
                                              cfg["max_new_tokens"], autocast))
         metrics.update({"val/exact": summary["exact"], "val/cer": summary["cer"]})
         first = summary["samples"][0]
         print0(f"sample {first['id']}: {first['prediction'][:120]!r}")
-        images = [b for _, _, imgs in eval_batches(val_records[:8], tokenizer, 8, max_tokens, image_mode, device)
-                  for b in imgs]
-        with torch.no_grad(), autocast:
-            cos_sam, cos_proj = collapse_monitor(model.encoder, images)
-        if cos_sam is not None:
-            metrics.update({"collapse/sam": cos_sam, "collapse/projector": cos_proj})
     line = f"Step {step:05d} | val loss {metrics['val/loss']:.4f}"
+    if "val/image_gap" in metrics:
+        line += f" | image gap {metrics['val/image_gap']:.4f}"
     if "val/exact" in metrics:
         n_scored = min(cfg["eval_samples"], len(val_records))
         line += f" | exact {metrics['val/exact']}/{n_scored} | cer {metrics['val/cer']:.4f}"
-    if "collapse/sam" in metrics:
-        line += f" | feature cos sam {metrics['collapse/sam']:.3f} proj {metrics['collapse/projector']:.3f}"
-        if max(metrics["collapse/sam"], metrics["collapse/projector"]) > cfg["collapse_warn"]:
-            line += " | WARNING: vision features of different images are nearly identical (collapse?)"
+    if metrics.get("val/image_gap", 1.0) < IMAGE_GAP_WARN:
+        line += " | WARNING: the answers barely depend on the image (swapping images leaves the loss as it is)"
     print0(line)
     model.train()
     return metrics

@@ -10,29 +10,48 @@ from dataclasses import asdict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 from nanovlm.gpt import GPT, GPTConfig
+from nanovlm.image_process import global_shape, resolve_mode
 
-# Model presets. "tiny" trains on a CPU in minutes; "d20" is nanochat's d20 GPT with the real DeepEncoder.
+# Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 32 tokens
+# in reading order, a CTC read-out on SAM's neck); "d20" is nanochat's d20 GPT with the real DeepEncoder.
+# proj_norm and ctc are sized for the preset's image mode when the model is built (see preset_configs).
+TINY_GPT = dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 PRESETS = {
-    "tiny": dict(gpt=dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128),
-                 encoder=dict(tiny=True), image_mode="resize:256"),
-    "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280),
-                encoder=dict(), image_mode="base"),
+    "tiny": dict(gpt=TINY_GPT, encoder=dict(tiny=True), image_mode="resize:256", proj_norm=True, ctc=False),
+    "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4), image_mode="rect:2048:64", proj_norm=True,
+                  ctc=True),
+    "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(), image_mode="base",
+                proj_norm=False, ctc=False),
 }
 
 
-def preset_configs(name, vocab_size):
-    """(GPTConfig, DeepEncoderConfig, image_mode) of a preset; the projector width follows the GPT's n_embd."""
+def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
+    """
+    (GPTConfig, DeepEncoderConfig, image_mode) of a preset; the projector width follows the GPT's n_embd.
+    image_mode: empty for the preset's own; sequence_len: 0 for the preset's own. The projector-output norm and the CTC read-out are built for this
+    mode's grid (they fix its shape), so a model with them reads in the mode it was trained in.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown model preset '{name}', choose from {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    gpt_config = GPTConfig(vocab_size=vocab_size, **preset["gpt"])
+    image_mode = image_mode or preset["image_mode"]
+    gpt_config = GPTConfig(vocab_size=vocab_size, **dict(preset["gpt"], sequence_len=sequence_len or
+                                                         preset["gpt"]["sequence_len"]))
     encoder_kwargs = dict(preset["encoder"])
     make = DeepEncoderConfig.tiny if encoder_kwargs.pop("tiny", False) else DeepEncoderConfig
     encoder_config = make(out_dim=gpt_config.n_embd, **encoder_kwargs)
-    return gpt_config, encoder_config, preset["image_mode"]
+    width, height = global_shape(image_mode)
+    if preset["proj_norm"]:
+        if resolve_mode(image_mode).tile_size:
+            raise ValueError(f"preset {name} normalises a fixed token grid; a tiling mode ({image_mode}) has none")
+        encoder_config.proj_norm_grid = encoder_config.token_grid(height, width)
+    if preset["ctc"]:
+        encoder_config.ctc_rows = height // encoder_config.sam_patch_size
+    return gpt_config, encoder_config, image_mode
 
 
 class VLM(nn.Module):
@@ -51,7 +70,7 @@ class VLM(nn.Module):
     def get_device(self):
         return self.gpt.get_device()
 
-    def embed(self, idx, images=None):
+    def embed(self, idx, images=None, return_necks=False):
         """
         Token embeddings (B, T, n_embd) with image features spliced in.
         images: preprocessed images (global_view, tiles, tiling) in the order their <|image|> runs appear in idx,
@@ -63,18 +82,40 @@ class VLM(nn.Module):
         if not images:
             if num_slots:
                 raise ValueError(f"the tokens hold {num_slots} <|image|> positions but no images were given")
-            return x
-        features = torch.cat(self.encoder.encode_images(images))  # (sum of N_i, n_embd)
+            return (x, []) if return_necks else x
+        sequences, necks = self.encoder.encode_images(images, return_necks=True)
+        features = torch.cat(sequences)  # (sum of N_i, n_embd)
         if features.size(0) != num_slots:
             raise ValueError(f"{len(images)} image(s) give {features.size(0)} feature vectors but the tokens hold "
                              f"{num_slots} <|image|> positions (prompt built for another image mode or size?)")
         # masked_scatter fills the True positions in row-major order: the image order of the batch
-        return x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
+        x = x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
+        return (x, necks) if return_necks else x
 
-    def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean"):
-        """Logits (B, T, vocab) or the loss, as GPT.forward, for token ids with images spliced in."""
-        return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
-                        embeds=self.embed(idx, images))
+    def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean", ctc_targets=None):
+        """
+        Logits (B, T, vocab) or the loss, as GPT.forward, for token ids with images spliced in.
+        ctc_targets (training with a CTC read-out): one byte tensor per image, the text it shows; then the result
+        is (language-model loss, CTC loss), from one pass of the encoder.
+        """
+        if ctc_targets is None:
+            return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
+                            embeds=self.embed(idx, images))
+        embeds, necks = self.embed(idx, images, return_necks=True)
+        lm_loss = self.gpt(None, targets=targets, embeds=embeds)
+        return lm_loss, self.ctc_loss(necks, ctc_targets)
+
+    def ctc_loss(self, necks, ctc_targets):
+        """CTC of the SAM neck's column read-out against each image's text bytes (class 0 is the blank, byte b is
+        class b + 1). Impossible alignments (text longer than the columns) count zero instead of infinity."""
+        if not necks:
+            return torch.zeros((), device=self.get_device())
+        log_probs = self.encoder.sam.ctc_logits(torch.stack(necks))  # (T, B, classes)
+        T, B = log_probs.shape[:2]
+        lengths = torch.tensor([len(t) for t in ctc_targets], dtype=torch.long)
+        flat = torch.cat([t.to(torch.long) + 1 for t in ctc_targets]).to(log_probs.device)
+        return F.ctc_loss(log_probs, flat, torch.full((B,), T, dtype=torch.long), lengths, blank=0,
+                          zero_infinity=True)
 
     def estimate_flops(self, seq_len, image_size):
         """

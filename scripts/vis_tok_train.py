@@ -19,8 +19,10 @@ device_type = ""  # cuda|mps|cpu, empty = autodetect
 seed = 0
 resume = False  # continue from the last checkpoint in checkpoints/<model_tag>
 # model
-model = "tiny"  # preset: tiny (CPU) or d20 (nanochat d20 + the real DeepEncoder)
-image_mode = ""  # empty = the preset's (tiny: resize:256, d20: base)
+model = "tiny"  # preset: tiny (CPU), lines (tiny made to read text lines) or d20 (nanochat d20 + DeepEncoder)
+image_mode = ""  # empty = the preset's (tiny: resize:256, lines: rect:2048:64, d20: base)
+max_seq_len = 0  # longest training sample in tokens; 0 = the longest record of the data (nothing is truncated)
+ctc_weight = 1.0  # weight of the auxiliary CTC loss, for presets with a CTC read-out (lines)
 start_from = ""  # a nanovlm checkpoint dir (or model_tag) to start from: weights only, new optimizer
 init_from = ""  # a nanochat checkpoint dir for the GPT (then resize_vocab for our special tokens)
 nanochat_tokenizer = ""  # with init_from: the nanochat tokenizer dir
@@ -40,7 +42,7 @@ lora_alpha = 32.0
 lora_dropout = 0.05
 lora_targets = r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+"  # the GPT's Linears; add e.g. |qkv|fc1|fc2 for the towers
 # data
-data = "data/tier1/dataset.json"
+data = "data/tier1/dataset.json"  # a dataset JSON, or synth:KIND[,KIND]:N[:SEED] drawn on the fly
 val_data = ""  # empty = evaluate on the training data
 text_data = ""  # JSONL of text-only conversations to mix in
 text_ratio = 0.0  # fraction of samples drawn from text_data
@@ -68,7 +70,6 @@ eval_every = 100
 eval_records = 64  # records for the validation loss
 eval_samples = 4  # records answered greedily and scored at each eval
 max_new_tokens = 256
-collapse_warn = 0.995  # warn when pooled features of different images are this similar
 save_every = -1  # -1 = only at the end
 user_config = configure(globals())
 

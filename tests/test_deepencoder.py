@@ -210,9 +210,9 @@ def pil_bicubic(grid, size):
 def test_sam_pos_embed_interpolation(tiny):
     pos = tiny.sam.pos_embed.detach()  # (1, 16, 16, 32)
     with torch.no_grad():
-        assert torch.equal(tiny.sam.abs_pos(16), pos)
+        assert torch.equal(tiny.sam.abs_pos(16, 16), pos)
         for size in (8, 10, 20):  # down and up: antialias matters both ways
-            ours = tiny.sam.abs_pos(size)[0].permute(2, 0, 1)
+            ours = tiny.sam.abs_pos(size, size)[0].permute(2, 0, 1)
             torch.testing.assert_close(ours, pil_bicubic(pos[0].permute(2, 0, 1), size), atol=1e-5, rtol=1e-5)
             plain = F.interpolate(pos.permute(0, 3, 1, 2), size=(size, size), mode="bicubic", align_corners=False)
             assert (ours - plain[0]).abs().max() > 1e-3

@@ -71,13 +71,16 @@ def test_candidate_order_decides_ties():
 
 
 def test_custom_modes():
-    assert resolve_mode("resize:128") == (128, True, None)
-    assert resolve_mode("pad:256") == (256, False, None)
-    assert resolve_mode("gundam:128:256") == (256, False, 128)
+    assert resolve_mode("resize:128") == (128, True, None, None)
+    assert resolve_mode("pad:256") == (256, False, None, None)
+    assert resolve_mode("gundam:128:256") == (256, False, 128, None)
+    assert resolve_mode("rect:2048:64") == (2048, True, None, 64)
+    assert count_image_tokens(320, 128, "rect:2048:64") == 1 * 33 + 1  # one row of 32 tokens, newline, separator
+    assert count_image_tokens(320, 128, "rect:1024:128") == 2 * 17 + 1
     assert count_image_tokens(50, 500, "resize:128") == 2 * 3 + 1
     assert count_image_tokens(100, 100, "gundam:128:256") == 4 * 5 + 1
     assert count_image_tokens(300, 200, "gundam:128:256") == (2 * 2) * (3 * 2 + 1) + 21  # 3x2 tiles of 2x2 tokens
-    for bad in ("huge", "resize:100", "pad:0", "gundam:128", "resize:x", "pad:-64"):
+    for bad in ("huge", "resize:100", "pad:0", "gundam:128", "resize:x", "pad:-64", "rect:2048", "rect:100:64"):
         with pytest.raises(ValueError, match="image mode"):
             count_image_tokens(10, 10, bad)
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from nanovlm.metrics import parse_boxes
+from nanovlm.synth import COMMON_WORDS, LINE2_MAX_CHARS
 from scripts.make_data import (MAX_ANSWER_CHARS, RENDERERS, TIER1_DISTINCT_CHARS, generate, make_sample,
                                tier1_samples)
 
@@ -82,6 +83,11 @@ def check_line(answer):
     assert "\n" not in answer and answer.strip() == answer and len(answer.split()) >= 2
 
 
+def check_line2(answer):
+    assert "\n" not in answer and answer.strip() == answer and 1 <= len(answer.split()) <= 4
+    assert len(answer) <= LINE2_MAX_CHARS
+
+
 def check_paragraph(answer):
     assert answer.count("\n") >= 4 and "\n\n" in answer
 
@@ -93,7 +99,7 @@ def check_grounding(answer):
         assert label and all(0 <= v <= 999 for v in box) and box[0] < box[2] and box[1] < box[3]
 
 
-CHECKS = {"receipt": check_receipt, "chart": check_chart, "scene": check_scene, "line": check_line,
+CHECKS = {"receipt": check_receipt, "chart": check_chart, "scene": check_scene, "line": check_line, "line2": check_line2,
           "paragraph": check_paragraph, "grounding": check_grounding}
 
 
@@ -106,6 +112,17 @@ def test_every_kind_renders_a_valid_record(kind):
         assert 0 < len(record["answer"]) <= MAX_ANSWER_CHARS
         assert image.mode == "RGB" and 256 <= max(image.size) <= 512 and min(image.size) >= 128
         CHECKS[kind](record["answer"])
+
+
+def test_line2_content_goes_beyond_the_word_pool():
+    """Held-out reading needs text a language prior cannot guess: most line2 lines hold a digit or a word that is
+    not in the pool, and lines are all different."""
+    answers = [make_sample("line2", 0, "test", i)[0]["answer"] for i in range(200)]
+    pool = set(COMMON_WORDS)
+    beyond = [a for a in answers if any(w.lower() not in pool for w in a.split())]
+    assert len(beyond) >= 150 and sum(any(c.isdigit() for c in a) for a in answers) >= 100
+    assert len(set(answers)) >= 195
+    assert any(re.fullmatch(r"[A-Z]{1,3}-\d{2,4}", w) for a in answers for w in a.split())  # codes like RX-4471
 
 
 @pytest.mark.parametrize("kind", ["receipt", "chart", "scene"])

@@ -1,0 +1,567 @@
+"""
+Synthetic OCR samples drawn with Pillow from a seed: receipts, charts, text scenes, document lines and
+paragraphs, word grounding, and `line2` text lines whose content goes beyond any word pool (numbers, prices,
+dates, times, codes, made-up names). Nothing is downloaded; the text comes from the small pools below.
+
+Every sample is a pure function of (seed, split, index): make_sample(kind, seed, split, index) -> (record, image).
+scripts/make_data.py writes such samples to disk; the dataloader can also draw them on the fly ("synth:" data).
+"""
+
+import functools
+import glob
+import random
+
+from PIL import Image, ImageDraw, ImageFont
+
+MAX_ANSWER_CHARS = 600
+
+PROMPT_OCR = "<image>\n<|grounding|>OCR this image."
+PROMPT_FIGURE = "<image>\nParse the figure."
+PROMPT_DESCRIBE = "<image>\nDescribe this image in detail."
+PROMPT_LOCATE = "<image>\n<|grounding|>Locate every word."
+PROMPT_FREE_OCR = "<image>\nFree OCR."  # DeepSeek-OCR's plain-text prompt: an answer without boxes
+
+# -----------------------------------------------------------------------------
+# word pools
+
+COMMON_WORDS = """
+time year people way day man thing woman life child world school state family student group country problem hand
+part place case week company system program question work government number night point home water room mother
+area money story fact month lot right study book eye job word business issue side kind head house service friend
+father power hour game line end member law car city community name president team minute idea body information
+back parent face others level office door health person art war history party result change morning reason
+research girl guy moment air teacher force education foot boy age policy music market sense nation plan college
+interest death experience effect use class control care field development role effort rate heart drug show
+leader light voice wife police mind price report decision son view relationship town road arm difference value
+building action model season society tax director position player record paper space ground form event official
+matter center couple site project activity star table need court oil situation cost industry figure street image
+phone data picture practice piece land product doctor wall patient worker news test movie north love support
+technology step baby computer type attention film tree source organization hair window evidence population
+small large early young important public bad same able old new good high little great long last different
+local late hard major better economic strong possible whole free military true federal international full
+special easy clear recent certain personal open red difficult available likely short single medical current
+wrong private past foreign fine common poor natural significant similar hot dead central happy serious ready
+simple left physical general environmental financial blue democratic dark various entire close legal
+religious cold final main green nice huge popular traditional cultural quiet bright quick slow soft warm dry
+""".split()
+
+ITEMS = """
+Apples|Bananas|Oat milk|Whole milk|Sourdough loaf|Croissant|Butter|Cheddar|Eggs 12pk|Rice 1kg|Pasta|Tomatoes|
+Olive oil|Coffee beans|Green tea|Orange juice|Yogurt|Honey|Carrots|Onions|Potatoes 2kg|Chicken breast|Salmon|
+Dark chocolate|Cookies|Granola|Lemons|Spinach|Avocado|Peanut butter|Soap bar|Toothpaste|Shampoo|Paper towels|
+Batteries AA|Light bulb|Notebook|Pens 3pk|Sparkling water|Cola 6pk|Ice cream|Frozen peas|Bagels|Muffin|Espresso|
+Cappuccino|Flat white|Sandwich|Soup of day|Salad bowl|Tape|Glue stick|Dish soap|Trash bags|Sponges|Flour 1kg
+""".replace("\n", "").split("|")
+
+SHOP_FIRST = ["GREEN LEAF", "CORNER", "SUNNY", "NORTH STAR", "BLUE DOOR", "OLD MILL", "RIVERSIDE", "MAPLE",
+              "HARBOR", "CITY", "LITTLE", "GOLDEN", "HILLTOP", "DAILY", "FRESH WAY", "PARKSIDE", "SILVER", "OAKWOOD"]
+SHOP_SECOND = ["MARKET", "BAKERY", "GROCER", "CAFE", "DELI", "PHARMACY", "HARDWARE", "BOOKS", "KIOSK", "FOODS",
+               "STORE", "PANTRY"]
+STREETS = ["Oak", "Elm", "Pine", "Maple", "Cedar", "Birch", "Willow", "Mill", "Station", "Church", "Park", "Lake",
+           "Hill", "River", "Bridge", "King", "Queen", "High", "Market", "Garden"]
+STREET_TYPES = ["Street", "Road", "Avenue", "Lane"]
+TOWNS = ["Springfield", "Riverton", "Fairview", "Lakeside", "Brookfield", "Greenville", "Milton", "Ashford",
+         "Westbury", "Norwood", "Kingsley", "Redhill"]
+CASHIERS = ["Anna", "Ben", "Carla", "Dev", "Eli", "Fatima", "Greg", "Hana", "Ivan", "June", "Kofi", "Lena"]
+
+SIGN_PHRASES = ["OPEN", "CLOSED", "EXIT", "NO ENTRY", "FRESH BREAD", "HOT COFFEE", "PARKING", "PHARMACY",
+                "WET PAINT", "KEEP LEFT", "BUS STOP", "TICKETS", "PUSH", "PULL", "RESTROOMS", "INFORMATION", "DANGER",
+                "STAFF ONLY", "FOOD HALL", "ICE CREAM", "FLOWERS", "TAXI", "HOTEL", "BIKE LANE", "SLOW DOWN"]
+
+CHART_METRICS = [("Sales", "units"), ("Revenue", "k$"), ("Rainfall", "mm"), ("Visitors", "thousands"),
+                 ("Orders", "count"), ("Downloads", "k"), ("Temperature", "C"), ("Profit", "k$"),
+                 ("Energy use", "kWh"), ("Students", "count"), ("Traffic", "cars/h"), ("Crop yield", "t/ha")]
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+CHART_DIMENSIONS = [("Month", MONTHS, True), ("Year", [str(y) for y in range(2012, 2025)], True),
+                    ("Quarter", ["Q1", "Q2", "Q3", "Q4"], True), ("Day", ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat",
+                                                                           "Sun"], True),
+                    ("Region", ["North", "South", "East", "West", "Central", "Coast", "Valley"], False),
+                    ("Store", ["Store " + letter for letter in "ABCDEFG"], False)]
+SERIES_PAIRS = [("2023", "2024"), ("Online", "Store"), ("Plan", "Actual"), ("Team A", "Team B"), ("Day", "Night")]
+
+# named colours, so that scene descriptions can say what they show
+SIGN_COLORS = {"red": (200, 40, 40), "blue": (40, 80, 190), "green": (40, 140, 60), "yellow": (240, 210, 40),
+               "orange": (240, 140, 30), "purple": (120, 60, 160), "white": (245, 245, 245), "black": (25, 25, 25)}
+BACKDROP_COLORS = {"beige": (225, 215, 190), "gray": (170, 170, 170), "pale blue": (190, 210, 230),
+                   "pale green": (200, 225, 195), "brown": (150, 120, 90), "dark gray": (95, 95, 95),
+                   "olive": (150, 150, 100), "pink": (230, 200, 205)}
+SERIES_COLORS = [(50, 100, 200), (230, 120, 40)]
+
+# -----------------------------------------------------------------------------
+# drawing helpers
+
+FONT_FACES = [None]  # None is Pillow's bundled font; main() may add system font files
+
+
+def system_font_files():
+    return sorted(glob.glob("/usr/share/fonts/**/DejaVuSans*.ttf", recursive=True))
+
+
+@functools.lru_cache(maxsize=None)
+def get_font(face, size):
+    return ImageFont.load_default(size=size) if face is None else ImageFont.truetype(face, size)
+
+
+def text_width(face, size, text):
+    return get_font(face, size).getlength(text)
+
+
+def fit_size(face, text, max_width, largest, smallest=10):
+    """The largest font size <= largest at which text fits in max_width (never below smallest)."""
+    size = largest
+    while size > smallest and text_width(face, size, text) > max_width:
+        size -= 1
+    return size
+
+
+def draw_text(draw, xy, text, face, size, fill):
+    """Draw text with its ink box's top-left corner at xy; return the ink box (x1, y1, x2, y2)."""
+    font = get_font(face, size)
+    left, top, _, _ = font.getbbox(text)
+    x, y = xy[0] - left, xy[1] - top
+    draw.text((x, y), text, font=font, fill=fill)
+    return draw.textbbox((x, y), text, font=font)
+
+
+def stamp_text(image, xy, text, face, size, fill):
+    """Draw text with its ink near xy and return its exact ink box, measured on the rendered glyphs (the font's
+    bbox includes advance and bearing space, a few pixels too wide for a grounding target)."""
+    font = get_font(face, size)
+    left, top, right, bottom = font.getbbox(text)
+    mask = Image.new("L", (right - left + 4, bottom - top + 4))
+    ImageDraw.Draw(mask).text((2 - left, 2 - top), text, font=font, fill=255)
+    x, y = xy[0] - 2, xy[1] - 2
+    image.paste(fill, (x, y, x + mask.width, y + mask.height), mask)
+    ink_left, ink_top, ink_right, ink_bottom = mask.getbbox()
+    return x + ink_left, y + ink_top, x + ink_right, y + ink_bottom
+
+
+def ink_size(face, size, text):
+    left, top, right, bottom = get_font(face, size).getbbox(text)
+    return right - left, bottom - top
+
+
+def text_color_on(rgb):
+    """Black or white, whichever reads better on the background rgb."""
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    return (20, 20, 20) if luminance > 140 else (250, 250, 250)
+
+
+def paper_color(rng):
+    return tuple(rng.randint(238, 255) for _ in range(3))
+
+
+def ink_color(rng):
+    return tuple(rng.randint(0, 70) for _ in range(3))
+
+
+def place_boxes(rng, sizes, width, height, margin=8, tries=60):
+    """Non-overlapping random top-left corners for boxes of the given (w, h); None for a box that did not fit."""
+    placed, corners = [], []
+    for w, h in sizes:
+        corner = None
+        for _ in range(tries):
+            if w + 2 * margin > width or h + 2 * margin > height:
+                break
+            x, y = rng.randint(margin, width - w - margin), rng.randint(margin, height - h - margin)
+            if all(x + w + margin <= px or px + pw + margin <= x or y + h + margin <= py or py + ph + margin <= y
+                   for px, py, pw, ph in placed):
+                corner = (x, y)
+                placed.append((x, y, w, h))
+                break
+        corners.append(corner)
+    return corners
+
+
+def where(cx, cy, width, height):
+    """'at the top left', 'on the right', 'in the center', ... for a point on the canvas."""
+    row = ["top", "", "bottom"][min(2, int(3 * cy / height))]
+    col = ["left", "", "right"][min(2, int(3 * cx / width))]
+    if not row:
+        return f"on the {col}" if col else "in the center"
+    return f"at the {row} {col}".strip()
+
+
+def money(cents):
+    return f"{cents // 100}.{cents % 100:02d}"
+
+# -----------------------------------------------------------------------------
+# text generators
+
+
+def sentence(rng, min_words=5, max_words=11):
+    picked = [rng.choice(COMMON_WORDS) for _ in range(rng.randint(min_words, max_words))]
+    if rng.random() < 0.3:
+        picked.insert(rng.randint(1, len(picked)), str(rng.choice([rng.randint(2, 99), rng.randint(1900, 2030)])))
+    if len(picked) > 6 and rng.random() < 0.4:
+        picked[rng.randint(2, len(picked) - 3)] += ","
+    return " ".join(picked).capitalize() + rng.choice([".", ".", ".", "?", "!"])
+
+
+def sign_text(rng):
+    street = rng.choice(STREETS).upper()
+    return rng.choice([
+        rng.choice(SIGN_PHRASES), rng.choice(SIGN_PHRASES), rng.choice(SIGN_PHRASES),
+        f"ROOM {rng.randint(100, 499)}", f"GATE {rng.choice('ABCDEF')}{rng.randint(1, 30)}",
+        f"PLATFORM {rng.randint(1, 12)}", f"{street} ST", f"SALE {rng.choice([10, 20, 25, 30, 50])}% OFF",
+        f"${rng.randint(1, 19)}.{rng.choice(['00', '49', '99'])}", f"FLOOR {rng.randint(1, 9)}",
+        f"OPEN {rng.randint(6, 10)}AM-{rng.randint(5, 11)}PM",
+    ])
+
+# -----------------------------------------------------------------------------
+# renderers: rng (and short, for the tier-1 set's shorter answers) -> (image, answer)
+
+
+def receipt_lines(rng, short):
+    """The receipt's content as (left, right) pairs; right is None for centred header/footer lines."""
+    shop = f"{rng.choice(SHOP_FIRST)} {rng.choice(SHOP_SECOND)}"
+    address = f"{rng.randint(1, 250)} {rng.choice(STREETS)} {rng.choice(STREET_TYPES)}, {rng.choice(TOWNS)}"
+    stamp = f"20{rng.randint(19, 25)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} " \
+            f"{rng.randint(7, 21):02d}:{rng.randint(0, 59):02d}"
+    items, subtotal = [], 0
+    for name in rng.sample(ITEMS, rng.randint(3, 4) if short else rng.randint(4, 7)):
+        quantity, unit = rng.choice([1, 1, 1, 2, 3]), rng.randint(49, 1299)
+        subtotal += quantity * unit
+        label = name if quantity == 1 else f"{name} {quantity} x {money(unit)}"
+        items.append((label, money(quantity * unit)))
+    tax_rate = rng.choice([5, 7, 8, 10, 20])
+    tax = (subtotal * tax_rate + 50) // 100
+    total = subtotal + tax
+    header = [(shop, None), (address, None), (stamp, None)]
+    if not short:
+        header.append((f"Receipt #{rng.randint(1000, 9999)} Till {rng.randint(1, 6)}", None))
+    totals = [("SUBTOTAL", money(subtotal)), (f"TAX {tax_rate}%", money(tax)), ("TOTAL", money(total))]
+    if rng.random() < 0.5:
+        paid = -(-total // 500) * 500  # cash, rounded up to the next 5.00
+        totals += [("CASH", money(paid)), ("CHANGE", money(paid - total))]
+    else:
+        totals.append(("CARD", money(total)))
+    footer = [] if short else [(f"Served by {rng.choice(CASHIERS)}", None)]
+    footer.append((rng.choice(["THANK YOU!", "THANK YOU, COME AGAIN", "HAVE A NICE DAY"]), None))
+    return header, items, totals, footer
+
+
+def render_receipt(rng, short=False):
+    header, items, totals, footer = receipt_lines(rng, short)
+    blocks = [header, items, totals, footer]
+    width, margin, face = 320, 16, rng.choice(FONT_FACES)
+    num_lines = sum(len(b) for b in blocks)
+    longest = max((f"{left}    {right}" if right else left) for b in blocks for left, right in b)
+    # a font that fits the widest line, and small enough that the receipt stays within 512 px in height
+    largest_for_height = int((512 - 2 * margin - 8 * num_lines) / (num_lines + 1.5))
+    size = fit_size(face, longest, width - 2 * margin, min(rng.randint(17, 20), largest_for_height))
+    step, gap = size + 8, size // 2  # line pitch, and the extra space where a dashed rule separates blocks
+    height = 2 * margin + num_lines * step + (len(blocks) - 1) * gap
+    image = Image.new("RGB", (width, height), paper_color(rng))
+    draw, ink, y = ImageDraw.Draw(image), ink_color(rng), margin
+    for i, block in enumerate(blocks):
+        if i > 0:  # a dashed rule between blocks; drawn, not text, so it is not part of the answer
+            for x in range(margin, width - margin, 8):
+                draw.line([(x, y + gap // 2 - 2), (x + 4, y + gap // 2 - 2)], fill=ink, width=1)
+            y += gap
+        for left, right in block:
+            if right is None:
+                draw.text(((width - text_width(face, size, left)) / 2, y), left, font=get_font(face, size), fill=ink)
+            else:
+                draw.text((margin, y), left, font=get_font(face, size), fill=ink)
+                draw.text((width - margin - text_width(face, size, right), y), right, font=get_font(face, size),
+                          fill=ink)
+            y += step
+    answer = "\n".join(left if right is None else f"{left} {right}" for b in blocks for left, right in b)
+    return image, answer
+
+
+def chart_data(rng, short):
+    """Title, axis names and the table (categories x series) a chart shows."""
+    metric, unit = rng.choice(CHART_METRICS)
+    dimension, categories, ordered = rng.choice(CHART_DIMENSIONS)
+    two_series = rng.random() < (0.3 if short else 0.5)
+    if two_series:
+        count = rng.randint(3, 4) if short else rng.randint(3, 5)
+    else:
+        count = rng.randint(4, 5) if short else rng.randint(5, 8)
+    count = min(count, len(categories))
+    if ordered:  # months, years, ... stay a consecutive run
+        start = rng.randint(0, len(categories) - count)
+        categories = categories[start:start + count]
+    else:
+        categories = rng.sample(categories, count)
+    series = list(rng.choice(SERIES_PAIRS)) if two_series else [metric]
+    scale = rng.choice([1, 1, 10])
+    values = [[rng.randint(2, 95) * scale for _ in series] for _ in categories]
+    title = rng.choice([f"{metric} by {dimension.lower()}", f"{rng.choice(TOWNS)} {metric.lower()}",
+                        f"{metric} per {dimension.lower()}, {rng.choice(TOWNS)}"])
+    source = f"Source: {rng.choice(TOWNS)} {rng.choice(['city office', 'survey', 'annual report', 'records'])}, " \
+             f"{rng.randint(2015, 2025)}"
+    return title, dimension, f"{metric} ({unit})", categories, series, values, source
+
+
+def chart_axis_max(values):
+    top = max(max(row) for row in values) * 1.08  # headroom, so the top value label stays inside the plot
+    step = 10 if top <= 100 else 100
+    return int(-(-top // step) * step)
+
+
+def render_chart(rng, short=False):
+    title, x_name, y_name, categories, series, values, source = chart_data(rng, short)
+    style = rng.choice(["bar", "line"])
+    width, height, face = 384, 384, rng.choice(FONT_FACES)
+    image = Image.new("RGB", (width, height), paper_color(rng))
+    draw, ink = ImageDraw.Draw(image), (30, 30, 30)
+    left, right, top, bottom = 52, width - 14, 78, height - 78  # the plot area
+    draw_text(draw, ((width - ink_size(face, 22, title)[0]) // 2, 12), title, face, fit_size(face, title, width - 20,
+                                                                                               22), ink)
+    draw_text(draw, (8, 46), y_name, face, 15, ink)
+    draw_text(draw, ((left + right - ink_size(face, 15, x_name)[0]) // 2, bottom + 32), x_name, face, 15, ink)
+    draw_text(draw, (8, height - 22), source, face, 14, (90, 90, 90))
+    axis_max = chart_axis_max(values)
+    to_y = lambda v: bottom - (bottom - top) * v / axis_max
+    for tick in (0, axis_max // 2, axis_max):  # gridlines and tick labels
+        draw.line([(left, to_y(tick)), (right, to_y(tick))], fill=(215, 215, 215))
+        label_w, label_h = ink_size(face, 14, str(tick))
+        draw_text(draw, (left - 6 - label_w, to_y(tick) - label_h // 2), str(tick), face, 14, ink)
+    draw.line([(left, top - 4), (left, bottom), (right, bottom)], fill=ink, width=2)
+    slot = (right - left) / len(categories)
+    bar = slot * 0.7 / len(series)
+    value_size = fit_size(face, "000", bar - 1, 14, smallest=11)  # neighbouring bars' labels must not touch
+    for i, category in enumerate(categories):
+        size = fit_size(face, category, slot - 4, 15)
+        draw_text(draw, (left + slot * (i + 0.5) - ink_size(face, size, category)[0] / 2, bottom + 8), category,
+                  face, size, ink)
+    if style == "bar":
+        for i, row in enumerate(values):
+            for s, value in enumerate(row):
+                x0 = left + slot * i + slot * 0.15 + bar * s
+                draw.rectangle([x0, to_y(value), x0 + bar - 2, bottom - 1], fill=SERIES_COLORS[s])
+                w, h = ink_size(face, value_size, str(value))
+                draw_text(draw, (x0 + (bar - 2 - w) / 2, to_y(value) - h - 4), str(value), face, value_size, ink)
+    else:
+        paper = image.getpixel((1, 1))
+        lines = [[(left + slot * (i + 0.5), to_y(row[s])) for i, row in enumerate(values)] for s in range(len(series))]
+        for s, points in enumerate(lines):
+            draw.line(points, fill=SERIES_COLORS[s], width=3)
+            for x, y in points:
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=SERIES_COLORS[s])
+        for s, points in enumerate(lines):  # labels after all lines, on a patch of paper so no line crosses them
+            for i, (x, y) in enumerate(points):
+                value = values[i][s]
+                if len(series) == 2:  # the lower series labels below, so the two labels never meet
+                    below = value < values[i][1 - s]
+                else:  # a dip labels below, a peak above: away from the line's neighbours
+                    neighbours = [values[j][s] for j in (i - 1, i + 1) if 0 <= j < len(values)]
+                    below = value < sum(neighbours) / len(neighbours)
+                w, h = ink_size(face, value_size, str(value))
+                corner = (x - w / 2, y + 9 if below else y - h - 9)
+                draw.rectangle([corner[0] - 2, corner[1] - 2, corner[0] + w + 2, corner[1] + h + 2], fill=paper)
+                draw_text(draw, corner, str(value), face, value_size, SERIES_COLORS[s])
+    if len(series) == 2:  # legend, top right
+        x = right - 8 - sum(ink_size(face, 14, name)[0] + 30 for name in series)
+        for s, name in enumerate(series):
+            draw.rectangle([x, 50, x + 12, 62], fill=SERIES_COLORS[s])
+            x = draw_text(draw, (x + 17, 50), name, face, 14, ink)[2] + 13
+    header = f"| {x_name} | " + " | ".join(series) + " |"
+    rows = [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(categories, values)]
+    rule = "|" + " --- |" * (len(series) + 1)
+    answer = "\n".join([title, f"{style.capitalize()} chart. x: {x_name}. y: {y_name}.", header, rule] + rows
+                       + [source])
+    return image, answer
+
+
+def scene_backdrop(rng, width, height):
+    """A gradient backdrop with random clutter shapes; returns the image, its colour name and the shape names."""
+    backdrop_name = rng.choice(sorted(BACKDROP_COLORS))
+    base = BACKDROP_COLORS[backdrop_name]
+    delta = rng.randint(-35, 35)  # the same shift on every channel: lighter or darker, same hue
+    shade = tuple(max(0, min(255, c + delta)) for c in base)
+    mask = Image.linear_gradient("L").resize((width, height)).rotate(rng.choice([0, 90, 180, 270]))
+    image = Image.composite(Image.new("RGB", (width, height), base), Image.new("RGB", (width, height), shade), mask)
+    draw, shapes = ImageDraw.Draw(image), sorted(rng.sample(["circles", "rectangles", "lines", "triangles"],
+                                                            rng.randint(2, 3)))
+    for _ in range(rng.randint(12, 24)):
+        color = tuple((c + rng.randint(0, 255)) // 2 for c in base)  # muted: halfway towards the backdrop
+        x, y, w, h = rng.randint(-20, width), rng.randint(-20, height), rng.randint(15, 110), rng.randint(15, 110)
+        shape = rng.choice(shapes)
+        if shape == "circles":
+            draw.ellipse([x, y, x + w, y + w], fill=color if rng.random() < 0.5 else None, outline=color, width=3)
+        elif shape == "rectangles":
+            draw.rectangle([x, y, x + w, y + h], fill=color)
+        elif shape == "lines":
+            draw.line([(x, y), (x + rng.randint(-150, 150), y + rng.randint(-150, 150))], fill=color, width=4)
+        else:
+            draw.polygon([(x, y + h), (x + w, y + h), (x + w // 2, y)], fill=color)
+    return image, backdrop_name, shapes
+
+
+def render_scene(rng, short=False):
+    width, height, face = 384, 384, rng.choice(FONT_FACES)
+    image, backdrop_name, shapes = scene_backdrop(rng, width, height)
+    draw = ImageDraw.Draw(image)
+    # the first sign is big; the others are signs or small labels
+    specs = [("sign", rng.randint(28, 36))]
+    for _ in range(rng.randint(1, 2)):
+        specs.append(("sign", rng.randint(22, 28)) if rng.random() < 0.5 else ("label", rng.randint(17, 20)))
+    texts = [sign_text(rng) for _ in specs]
+    sizes = [fit_size(face, t, width - 60, s) for t, (_, s) in zip(texts, specs)]
+    boxes = [tuple(d + int(0.8 * s) for d in ink_size(face, s, t)) for t, s in zip(texts, sizes)]
+    sentences = []
+    for text, (kind, _), size, box, corner in zip(texts, specs, sizes, boxes, place_boxes(rng, boxes, width, height)):
+        if corner is None:
+            continue  # no room left: the sign is neither drawn nor described
+        color_name = rng.choice(sorted(SIGN_COLORS))
+        fill, x, y = SIGN_COLORS[color_name], corner[0], corner[1]
+        draw.rounded_rectangle([x, y, x + box[0], y + box[1]], radius=4 if kind == "sign" else 2, fill=fill,
+                               outline=(30, 30, 30), width=3 if kind == "sign" else 1)
+        text_fill = text_color_on(fill)
+        draw_text(draw, (x + int(0.4 * size), y + int(0.4 * size)), text, face, size, text_fill)
+        place = where(x + box[0] / 2, y + box[1] / 2, width, height)
+        letters = "white" if text_fill[0] > 128 else "black"
+        noun = "small " + color_name + " label" if kind == "label" else color_name + " sign"
+        if not sentences:  # lead with the most prominent text
+            sentences.append(f'"{text}" is written in {letters} letters on a large {noun} {place}.')
+        else:
+            sentences.append(rng.choice([f'A {noun} {place} reads "{text}".',
+                                         f'{place[0].upper() + place[1:]}, a {noun} says "{text}".',
+                                         f'There is a {noun} {place} with the words "{text}".']))
+    shape_list = ", ".join(shapes[:-1]) + " and " + shapes[-1]
+    sentences.append(f"The background is a cluttered {backdrop_name} backdrop with {shape_list}.")
+    return image, " ".join(sentences)
+
+
+def render_line(rng, short=False):
+    width, height, face = 320, 128, rng.choice(FONT_FACES)
+    text = " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(2, 4)))
+    text = text.capitalize() if rng.random() < 0.5 else text
+    size = fit_size(face, text, width - 24, rng.randint(26, 40))
+    image = Image.new("RGB", (width, height), paper_color(rng))
+    w, h = ink_size(face, size, text)
+    corner = (rng.randint(8, max(8, width - w - 8)), rng.randint(8, max(8, height - h - 8)))
+    draw_text(ImageDraw.Draw(image), corner, text, face, size, ink_color(rng))
+    return image, text
+
+
+SYLLABLES = ["ka", "lo", "mi", "ber", "tan", "vel", "ro", "su", "dim", "or", "ex", "qua", "zen", "pha", "gru", "bel",
+             "nor", "ish", "ul", "tre", "wy", "jo", "cas", "fen", "ib", "mor", "al", "stri", "po", "hu"]
+UPPERCASE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LINE2_MAX_CHARS = 26
+
+
+def line2_item(rng):
+    """One item of a line2 text line: a pool word, a number, a price, a date, a time, a code or a made-up name."""
+    kind = rng.random()
+    if kind < 0.35:
+        word = rng.choice(COMMON_WORDS)
+        return word.capitalize() if rng.random() < 0.3 else word
+    if kind < 0.47:
+        return str(rng.choice([rng.randint(0, 99), rng.randint(0, 9999)]))
+    if kind < 0.59:
+        return f"${rng.randint(0, 999)}.{rng.randint(0, 99):02d}"
+    if kind < 0.69:
+        return f"{rng.randint(1990, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+    if kind < 0.77:
+        return f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
+    if kind < 0.88:
+        letters = "".join(rng.choice(UPPERCASE) for _ in range(rng.randint(1, 3)))
+        return f"{letters}-{rng.randint(0, 10 ** rng.randint(2, 4) - 1):0{rng.randint(2, 4)}d}"
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+
+
+def line2_text(rng):
+    """2-4 items, at most LINE2_MAX_CHARS characters: content a word pool alone cannot predict."""
+    items = [line2_item(rng)]
+    for _ in range(rng.randint(1, 3)):
+        item = line2_item(rng)
+        if len(" ".join(items + [item])) <= LINE2_MAX_CHARS:
+            items.append(item)
+    return " ".join(items)[:LINE2_MAX_CHARS]
+
+
+def render_line2(rng, short=False):
+    """A line2 text line on the same canvas, font sizes and placement as render_line."""
+    width, height, face = 320, 128, rng.choice(FONT_FACES)
+    text = line2_text(rng)
+    size = fit_size(face, text, width - 24, rng.randint(26, 40))
+    image = Image.new("RGB", (width, height), paper_color(rng))
+    w, h = ink_size(face, size, text)
+    corner = (rng.randint(8, max(8, width - w - 8)), rng.randint(8, max(8, height - h - 8)))
+    draw_text(ImageDraw.Draw(image), corner, text, face, size, ink_color(rng))
+    return image, text
+
+
+def wrap(face, size, text, max_width):
+    """Greedy word wrap into lines no wider than max_width."""
+    lines = []
+    for word in text.split():
+        if lines and text_width(face, size, lines[-1] + " " + word) <= max_width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def render_paragraph(rng, short=False):
+    width, height, margin, face = 384, 384, 18, rng.choice(FONT_FACES)
+    size = rng.randint(17, 21)
+    step = size + 8
+    title = " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(2, 4))).title()
+    lines = [title, ""]  # a heading and a blank line, then paragraphs separated by blank lines
+    max_lines = (height - 2 * margin - 10) // step
+    while len(lines) < max_lines - 1:
+        paragraph = wrap(face, size, " ".join(sentence(rng) for _ in range(rng.randint(2, 4))), width - 2 * margin)
+        room = max_lines - len(lines)
+        chars = sum(len(l) + 1 for l in lines)
+        paragraph = paragraph[:room]
+        while paragraph and chars + sum(len(l) + 1 for l in paragraph) > MAX_ANSWER_CHARS - 50:
+            paragraph.pop()
+        if not paragraph:
+            break
+        lines += paragraph + [""]
+    lines = lines[:-1] if lines[-1] == "" else lines
+    image = Image.new("RGB", (width, height), paper_color(rng))
+    draw, ink = ImageDraw.Draw(image), ink_color(rng)
+    draw.text((margin, margin), title, font=get_font(face, size + 5), fill=ink)
+    for i, line in enumerate(lines[1:], 1):
+        draw.text((margin, margin + 10 + i * step), line, font=get_font(face, size), fill=ink)
+    return image, "\n".join(lines)
+
+
+def render_grounding(rng, short=False):
+    width, height, face = 384, 384, rng.choice(FONT_FACES)
+    image = Image.new("RGB", (width, height), paper_color(rng))
+    words = rng.sample(COMMON_WORDS, rng.randint(4, 8))
+    sizes = [rng.randint(20, 34) for _ in words]
+    corners = place_boxes(rng, [ink_size(face, s, w) for w, s in zip(words, sizes)], width, height)
+    found = []
+    for word, size, corner in zip(words, sizes, corners):
+        if corner is not None:
+            x1, y1, x2, y2 = stamp_text(image, corner, word, face, size, ink_color(rng))
+            found.append((word, [round(x1 / width * 999), round(y1 / height * 999),
+                                 round(x2 / width * 999), round(y2 / height * 999)]))
+    found.sort(key=lambda item: (item[1][1], item[1][0]))  # reading order: top to bottom, then left to right
+    answer = "\n".join(f"<|ref|>{word}<|/ref|><|det|>[[{b[0]}, {b[1]}, {b[2]}, {b[3]}]]<|/det|>" for word, b in found)
+    return image, answer
+
+
+RENDERERS = {"receipt": (render_receipt, PROMPT_OCR), "chart": (render_chart, PROMPT_FIGURE),
+             "scene": (render_scene, PROMPT_DESCRIBE), "line": (render_line, PROMPT_OCR),
+             "line2": (render_line2, PROMPT_FREE_OCR),
+             "paragraph": (render_paragraph, PROMPT_OCR), "grounding": (render_grounding, PROMPT_LOCATE)}
+
+# -----------------------------------------------------------------------------
+# datasets
+
+
+def sample_rng(seed, split, index, attempt=0):
+    # a string seed is hashed with SHA-512 by random.Random: stable across runs and machines
+    return random.Random(f"{seed}:{split}:{index}:{attempt}")
+
+
+def make_sample(kind, seed, split, index, short=False, attempt=0):
+    """One sample as (record without its image path, image)."""
+    render, prompt = RENDERERS[kind]
+    image, answer = render(sample_rng(seed, split, index, attempt), short)
+    assert 0 < len(answer) <= MAX_ANSWER_CHARS, f"{kind} sample {index}: answer of {len(answer)} chars"
+    record = {"id": f"{split}_{index:06d}_{kind}", "prompt": prompt, "answer": answer, "source": "synth",
+              "type": kind}
+    return record, image
+
+
