@@ -443,6 +443,8 @@ class DeepEncoder(nn.Module):
             elif isinstance(module, LayerNorm2d):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+            elif isinstance(module, nn.BatchNorm1d):
+                module.reset_running_stats()  # buffers too: after to_empty() they hold whatever memory held
         self.sam.pos_embed.zero_()
         for block in self.sam.blocks:
             block.attn.rel_pos_h.zero_()
@@ -487,8 +489,13 @@ class DeepEncoder(nn.Module):
                              f"the image gives {P} positions (train and read in the same image mode)")
         norm = self.proj_norm
         use_batch = self.training and B > 1
+        momentum = norm.momentum
+        if use_batch:
+            norm.num_batches_tracked += 1
+            if momentum is None:  # a cumulative average, as nn.BatchNorm1d does (see training's calibration)
+                momentum = 1.0 / norm.num_batches_tracked.item()
         flat = F.batch_norm(features.reshape(B, P * D).float(), norm.running_mean, norm.running_var,
-                            training=use_batch, momentum=norm.momentum, eps=norm.eps)
+                            training=use_batch, momentum=momentum or 0.0, eps=norm.eps)
         return flat.to(features.dtype).view(B, P, D)
 
     def with_newlines(self, grid):

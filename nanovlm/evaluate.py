@@ -1,6 +1,6 @@
 """
 Evaluate a model on dataset records: greedy answers through the engine, teacher-forced loss on the reference
-answer, the image gap, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py and training-time eval.
+answer, the image gap and feature spread, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py and training-time eval.
 
 The image gap says whether the model uses the image at all: the teacher-forced answer loss with each record's
 image swapped for another record's, minus the loss with its own image. A model that reads has a large gap (the
@@ -17,6 +17,7 @@ from nanovlm.image_process import count_image_tokens
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
 
 IMAGE_GAP_WARN = 0.05  # nats per answer token: below this the model barely looks at its images
+FEATURE_SPREAD_WARN = 0.01  # below this, different images give the same SAM features: the encoder collapsed
 
 
 def score(pred, ref):
@@ -54,6 +55,21 @@ def swapped_images(inputs, images, image_token_id):
                 swapped[r] = image_of_row[donor]
                 got_other[r] = True
     return [swapped[r] for r in rows], got_other
+
+
+@torch.no_grad()
+def feature_spread(encoder, images):
+    """
+    Whether the encoder still tells images apart, centered (the part every image shares is taken out first): the
+    std across images of SAM's output map, per position and channel, over the map's overall std. ~0 is a
+    collapsed encoder (a fixed "soft prompt"); a fresh one fed different images is far above. Global views of the
+    first shape in `images` only; None for fewer than two.
+    """
+    views = [img[0] for img in images if img[0].shape == images[0][0].shape] if images else []
+    if len(views) < 2:
+        return None
+    sam_map = encoder.sam(torch.stack(views)).float()  # (B, C, h, w)
+    return (sam_map.std(dim=0).mean() / sam_map.std().clamp(min=1e-12)).item()
 
 
 @torch.no_grad()

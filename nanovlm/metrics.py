@@ -44,6 +44,33 @@ def edit_distance(a, b):
     return int(row[-1])
 
 
+def wrong_characters(pred, ref):
+    """
+    For each character of pred, whether a minimal edit script from pred to ref changes it (substituted or
+    deleted), from a full Levenshtein table: what a picture marks in red. Also the number of characters of ref the
+    script inserts (missing from pred). Quadratic; meant for short answers.
+    """
+    n, m = len(pred), len(ref)
+    table = np.zeros((n + 1, m + 1), dtype=np.int64)
+    table[:, 0], table[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            table[i, j] = min(table[i - 1, j - 1] + (pred[i - 1] != ref[j - 1]), table[i - 1, j] + 1,
+                              table[i, j - 1] + 1)
+    wrong, missing, i, j = [False] * n, 0, n, m
+    while i > 0 or j > 0:  # walk back along one optimal path
+        if i > 0 and j > 0 and table[i, j] == table[i - 1, j - 1] + (pred[i - 1] != ref[j - 1]):
+            wrong[i - 1] = pred[i - 1] != ref[j - 1]
+            i, j = i - 1, j - 1
+        elif i > 0 and table[i, j] == table[i - 1, j] + 1:
+            wrong[i - 1] = True  # a character ref does not have
+            i -= 1
+        else:
+            missing += 1
+            j -= 1
+    return wrong, missing
+
+
 def normalize(text):
     return unicodedata.normalize("NFC", text)
 

@@ -242,14 +242,47 @@ def receipt_lines(rng, short):
 
 
 def render_receipt(rng, short=False):
-    header, items, totals, footer = receipt_lines(rng, short)
-    blocks = [header, items, totals, footer]
-    width, margin, face = 320, 16, rng.choice(FONT_FACES)
+    return draw_receipt(rng, receipt_lines(rng, short), width=320, max_height=512)
+
+
+def shop_template(rng):
+    """What every receipt of one shop shares: its header and footer lines."""
+    shop = f"{rng.choice(SHOP_FIRST)} {rng.choice(SHOP_SECOND)}"
+    address = f"{rng.randint(1, 250)} {rng.choice(STREETS)} {rng.choice(STREET_TYPES)}, {rng.choice(TOWNS)}"
+    phone = f"Tel 0{rng.randint(100, 999)} {rng.randint(100000, 999999)}"
+    vat = f"VAT No GB{rng.randint(100000000, 999999999)}"
+    return [(shop, None), (address, None), (phone, None), (vat, None)], [(rng.choice(
+        ["THANK YOU!", "THANK YOU, COME AGAIN", "HAVE A NICE DAY"]), None), ("Keep this receipt", None)]
+
+
+def templated_receipt_lines(template, rng, n_items):
+    """One receipt of a shop: the template's header and footer around its own date, items and totals, so that
+    receipts of the same shop differ only where real ones do."""
+    header, footer = template
+    stamp = f"20{rng.randint(19, 25)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} " \
+            f"{rng.randint(7, 21):02d}:{rng.randint(0, 59):02d}"
+    items, subtotal = [], 0
+    for name in [rng.choice(ITEMS) for _ in range(n_items)]:
+        quantity, unit = rng.choice([1, 1, 1, 2, 3]), rng.randint(49, 1299)
+        subtotal += quantity * unit
+        label = name if quantity == 1 else f"{name} {quantity} x {money(unit)}"
+        items.append((label, money(quantity * unit)))
+    tax = (subtotal * 20 + 50) // 100
+    totals = [("SUBTOTAL", money(subtotal)), ("TAX 20%", money(tax)), ("TOTAL", money(subtotal + tax)),
+              ("CARD", money(subtotal + tax))]
+    when = [(stamp, None), (f"Receipt #{rng.randint(1000, 9999)} Till {rng.randint(1, 6)}", None)]
+    return header + when, items, totals, [(f"Served by {rng.choice(CASHIERS)}", None)] + footer
+
+
+def draw_receipt(rng, blocks, width, max_height, largest=20):
+    """Draw (left, right) line blocks as a receipt: centred header/footer lines, items with right-aligned prices,
+    dashed rules between blocks. Returns (image, answer)."""
+    margin, face = 16, rng.choice(FONT_FACES)
     num_lines = sum(len(b) for b in blocks)
     longest = max((f"{left}    {right}" if right else left) for b in blocks for left, right in b)
-    # a font that fits the widest line, and small enough that the receipt stays within 512 px in height
-    largest_for_height = int((512 - 2 * margin - 8 * num_lines) / (num_lines + 1.5))
-    size = fit_size(face, longest, width - 2 * margin, min(rng.randint(17, 20), largest_for_height))
+    # a font that fits the widest line, and small enough that the receipt stays within max_height
+    largest_for_height = int((max_height - 2 * margin - 8 * num_lines) / (num_lines + 1.5))
+    size = fit_size(face, longest, width - 2 * margin, min(rng.randint(largest - 3, largest), largest_for_height))
     step, gap = size + 8, size // 2  # line pitch, and the extra space where a dashed rule separates blocks
     height = 2 * margin + num_lines * step + (len(blocks) - 1) * gap
     image = Image.new("RGB", (width, height), paper_color(rng))
@@ -302,10 +335,10 @@ def chart_axis_max(values):
     return int(-(-top // step) * step)
 
 
-def render_chart(rng, short=False):
+def render_chart(rng, short=False, width=384, height=384):
     title, x_name, y_name, categories, series, values, source = chart_data(rng, short)
     style = rng.choice(["bar", "line"])
-    width, height, face = 384, 384, rng.choice(FONT_FACES)
+    face = rng.choice(FONT_FACES)
     image = Image.new("RGB", (width, height), paper_color(rng))
     draw, ink = ImageDraw.Draw(image), (30, 30, 30)
     left, right, top, bottom = 52, width - 14, 78, height - 78  # the plot area
@@ -392,14 +425,15 @@ def scene_backdrop(rng, width, height):
     return image, backdrop_name, shapes
 
 
-def render_scene(rng, short=False):
-    width, height, face = 384, 384, rng.choice(FONT_FACES)
+def render_scene(rng, short=False, width=384, height=384):
+    face, scale = rng.choice(FONT_FACES), min(width, height) / 384  # signs grow with the canvas
     image, backdrop_name, shapes = scene_backdrop(rng, width, height)
     draw = ImageDraw.Draw(image)
     # the first sign is big; the others are signs or small labels
-    specs = [("sign", rng.randint(28, 36))]
+    specs = [("sign", int(scale * rng.randint(28, 36)))]
     for _ in range(rng.randint(1, 2)):
-        specs.append(("sign", rng.randint(22, 28)) if rng.random() < 0.5 else ("label", rng.randint(17, 20)))
+        specs.append(("sign", int(scale * rng.randint(22, 28))) if rng.random() < 0.5
+                     else ("label", int(scale * rng.randint(17, 20))))
     texts = [sign_text(rng) for _ in specs]
     sizes = [fit_size(face, t, width - 60, s) for t, (_, s) in zip(texts, specs)]
     boxes = [tuple(d + int(0.8 * s) for d in ink_size(face, s, t)) for t, s in zip(texts, sizes)]

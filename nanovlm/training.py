@@ -23,7 +23,8 @@ from nanovlm.checkpoint import (ADAPTER_KEYS, adapter_path, find_last_step, load
 from nanovlm.lora import load_adapter
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import eval_batches, load_conversations, load_records, longest_record, vision_batches
-from nanovlm.evaluate import IMAGE_GAP_WARN, evaluate_records, image_gap_losses, summarize
+from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, feature_spread,
+                              image_gap_losses, summarize)
 from nanovlm.image_process import resolve_mode
 from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
 from nanovlm.vlm import build_vlm, model_meta, preset_configs
@@ -238,7 +239,8 @@ def train(cfg):
 
     loader = vision_batches(records, tokenizer, cfg["device_batch_size"], max_tokens, image_mode, device,
                             seed=cfg["seed"], rank=rank, world_size=world_size, texts=texts,
-                            text_ratio=cfg["text_ratio"], resume_state=loader_state, strict=cfg["strict"])
+                            text_ratio=cfg["text_ratio"], resume_state=loader_state, strict=cfg["strict"],
+                            num_workers=cfg["loader_workers"])
     # text-only batches leave the encoder without gradients: DDP must then be told to expect unused parameters
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                       find_unused_parameters=texts is not None) if ddp else model
@@ -258,10 +260,14 @@ def train(cfg):
 
     while True:
         last_step = step == num_iterations
-        if last_step or (cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0 and step > start_step):
+        evaluating = last_step or (cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0 and step > start_step)
+        saving = last_step or (cfg["save_every"] > 0 and step % cfg["save_every"] == 0 and step > start_step)
+        if evaluating or saving:
+            calibrate_image_norm(model, records, tokenizer, image_mode, max_tokens, device, cfg["device_batch_size"])
+        if evaluating:
             metrics = run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world_size, autocast, step)
             logger.log({"step": step, **metrics})
-        if last_step or (cfg["save_every"] > 0 and step % cfg["save_every"] == 0 and step > start_step):
+        if saving:
             meta = dict(model_meta(model), image_mode=image_mode, tokenizer_dir="tokenizer", user_config=cfg,
                         loader_state=consumed_state, metrics=metrics,
                         loop_state={"smooth_loss": smooth_loss, "total_time": total_time})
@@ -352,6 +358,28 @@ def train(cfg):
     return metrics
 
 
+@torch.no_grad()
+def calibrate_image_norm(model, records, tokenizer, image_mode, max_tokens, device, batch_size, count=256):
+    """
+    Set the projector-output norm's running statistics to those of the current encoder over the first `count`
+    training records ("precise BN"). Training normalises each batch by its own statistics; the running averages
+    lag behind an encoder that changes fast (a tier-1 overfit), so they are recomputed before every eval and save:
+    then eval-time features are what training saw. The same records on every rank give the same statistics.
+    """
+    norm = getattr(model.encoder, "proj_norm", None)
+    if norm is None:
+        return
+    was_training, momentum = model.encoder.training, norm.momentum
+    norm.reset_running_stats()
+    norm.momentum = None  # a cumulative average over the calibration batches
+    model.encoder.train()
+    for _, _, images in eval_batches(records[:count], tokenizer, max(batch_size, 2), max_tokens, image_mode, device):
+        if len(images) > 1:
+            model.encoder.encode_images(images)
+    norm.momentum = momentum
+    model.encoder.train(was_training)
+
+
 def sequence_length(model, tokenizer, records, texts, image_mode, max_seq_len):
     """
     The longest sample the run trains on (tokens, not counting the shifted target): max_seq_len, or by default
@@ -381,10 +409,13 @@ def run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world
     max_tokens = model.config.sequence_len + 1
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss x tokens, tokens, gap x tokens, gap tokens
     own_sum = swapped_sum = gap_tokens = 0.0
+    spread = None
     with torch.no_grad(), autocast:
         for inputs, targets, images in eval_batches(val_records[:cfg["eval_records"]], tokenizer,
                                                     cfg["device_batch_size"], max_tokens, image_mode, device,
                                                     rank, world_size):
+            if spread is None:
+                spread = feature_spread(model.encoder, images)
             n = (targets != -1).sum()
             sums[0] += model(inputs, images=images, targets=targets).double() * n
             sums[1] += n
@@ -396,6 +427,8 @@ def run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world
     metrics = {"val/loss": (sums[0] / sums[1].clamp(min=1)).item()}
     if sums[3] > 0:
         metrics["val/image_gap"] = (sums[2] / sums[3]).item()
+    if spread is not None:
+        metrics["val/feature_spread"] = spread  # rank 0's first batch
     if rank == 0 and cfg["eval_samples"] > 0:
         summary = summarize(evaluate_records(model, tokenizer, val_records[:cfg["eval_samples"]], image_mode,
                                              cfg["max_new_tokens"], autocast))
@@ -405,11 +438,15 @@ def run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world
     line = f"Step {step:05d} | val loss {metrics['val/loss']:.4f}"
     if "val/image_gap" in metrics:
         line += f" | image gap {metrics['val/image_gap']:.4f}"
+    if "val/feature_spread" in metrics:
+        line += f" | feature spread {metrics['val/feature_spread']:.3f}"
     if "val/exact" in metrics:
         n_scored = min(cfg["eval_samples"], len(val_records))
         line += f" | exact {metrics['val/exact']}/{n_scored} | cer {metrics['val/cer']:.4f}"
     if metrics.get("val/image_gap", 1.0) < IMAGE_GAP_WARN:
         line += " | WARNING: the answers barely depend on the image (swapping images leaves the loss as it is)"
+    if metrics.get("val/feature_spread", 1.0) < FEATURE_SPREAD_WARN:
+        line += " | WARNING: the encoder gives every image the same features (collapsed)"
     print0(line)
     model.train()
     return metrics

@@ -16,13 +16,13 @@ from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 from nanovlm.gpt import GPT, GPTConfig
 from nanovlm.image_process import global_shape, resolve_mode
 
-# Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 32 tokens
+# Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 16 tokens
 # in reading order, a CTC read-out on SAM's neck); "d20" is nanochat's d20 GPT with the real DeepEncoder.
 # proj_norm and ctc are sized for the preset's image mode when the model is built (see preset_configs).
 TINY_GPT = dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 PRESETS = {
     "tiny": dict(gpt=TINY_GPT, encoder=dict(tiny=True), image_mode="resize:256", proj_norm=True, ctc=False),
-    "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4), image_mode="rect:2048:64", proj_norm=True,
+    "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4), image_mode="rect:1024:64", proj_norm=True,
                   ctc=True),
     "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(), image_mode="base",
                 proj_norm=False, ctc=False),
@@ -83,7 +83,10 @@ class VLM(nn.Module):
             if num_slots:
                 raise ValueError(f"the tokens hold {num_slots} <|image|> positions but no images were given")
             return (x, []) if return_necks else x
-        sequences, necks = self.encoder.encode_images(images, return_necks=True)
+        if return_necks:
+            sequences, necks = self.encoder.encode_images(images, return_necks=True)
+        else:
+            sequences = self.encoder.encode_images(images)
         features = torch.cat(sequences)  # (sum of N_i, n_embd)
         if features.size(0) != num_slots:
             raise ValueError(f"{len(images)} image(s) give {features.size(0)} feature vectors but the tokens hold "

@@ -19,21 +19,23 @@ import json
 import os
 import time
 
-from nanovlm.synth import (FONT_FACES, MAX_ANSWER_CHARS, RENDERERS, make_sample,  # noqa: F401 (re-exported)
-                           system_font_files)
+from PIL import Image, ImageChops
+
+from nanovlm.synth import (FONT_FACES, MAX_ANSWER_CHARS, PROMPT_DESCRIBE, PROMPT_FIGURE,  # noqa: F401
+                           PROMPT_OCR, RENDERERS, draw_receipt, make_sample, render_chart, render_scene, sample_rng,
+                           shop_template, system_font_files, templated_receipt_lines)
 
 out_dir = ""  # default: data/synth_<split>, or data/tier1 with --tier1=True
 n = 1000  # number of samples
 split = "train"  # part of every sample's seed: train and val never share a sample
 seed = 0
 kinds = "receipt,chart,scene,line,paragraph,grounding"  # comma-separated, taken in turn
-tier1 = False  # write the fixed 10-record sanity set (4 receipts, 3 charts, 3 scenes) with short answers
+tier1 = False  # write the fixed 10-record sanity set (4 receipts of one shop, 3 charts, 3 scenes); --seed picks another
 workers = 1  # processes
 system_fonts = False  # also use system DejaVu fonts (images then depend on the machine's fonts)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIER1_KINDS = ["receipt"] * 4 + ["chart"] * 3 + ["scene"] * 3
-TIER1_DISTINCT_CHARS = 5  # tier-1 answers all differ within this many leading characters
 
 
 def write_sample(job):
@@ -46,19 +48,43 @@ def write_sample(job):
 
 
 def tier1_samples(seed=0):
-    """The 10 tier-1 samples: short ASCII answers whose first few characters already differ (so a tiny model that
-    memorises them can tell them apart at once); a sample whose start repeats an earlier one is drawn again."""
-    samples, starts = [], set()
+    """
+    The 10 tier-1 samples, as hard as real data of their kind: 4 receipts of one shop (same header, footer and
+    layout; only date, items and prices differ, so only the image tells them apart) of 6 to 36 items on a
+    460 px wide, up to 1000 px tall JPEG; 3 charts on 850x600 PNGs with a transparent background (RGBA); 3 text
+    scenes as 1024x768 JPEGs. Answers run from ~150 to ~1,000 characters. Returns (record, image, format) triples.
+    """
+    rng = sample_rng(seed, "tier1", "layout")
+    template = shop_template(sample_rng(seed, "tier1", "shop"))
+    item_counts = rng.sample([6, 14, 24, 36], 4)
+    samples = []
     for index, kind in enumerate(TIER1_KINDS):
-        for attempt in range(100):
-            record, image = make_sample(kind, seed, "tier1", index, short=True, attempt=attempt)
-            if record["answer"][:TIER1_DISTINCT_CHARS] not in starts and record["answer"].isascii():
-                break
-        assert record["answer"][:TIER1_DISTINCT_CHARS] not in starts, f"tier-1 sample {index}: no distinct start found"
-        starts.add(record["answer"][:TIER1_DISTINCT_CHARS])
-        record["id"] = f"tier1_{index:02d}_{kind}"
-        samples.append((record, image))
+        sample = sample_rng(seed, "tier1", index)
+        if kind == "receipt":
+            lines = templated_receipt_lines(template, sample, item_counts[index])
+            image, answer = draw_receipt(sample, lines, width=460, max_height=1000, largest=22)
+            prompt, image_format = PROMPT_OCR, "jpg"
+        elif kind == "chart":
+            image, answer = render_chart(sample, width=850, height=600)
+            image = transparent_paper(image)
+            prompt, image_format = PROMPT_FIGURE, "png"
+        else:
+            image, answer = render_scene(sample, width=1024, height=768)
+            prompt, image_format = PROMPT_DESCRIBE, "jpg"
+        record = {"id": f"tier1_{index:02d}_{kind}", "prompt": prompt, "answer": answer, "source": "synth",
+                  "type": kind}
+        samples.append((record, image, image_format))
     return samples
+
+
+def transparent_paper(image):
+    """RGBA with the paper colour (the top-left pixel) made fully transparent: a chart exported on no background."""
+    rgba = image.convert("RGBA")
+    paper = image.getpixel((0, 0))
+    alpha = Image.eval(ImageChops.difference(image, Image.new("RGB", image.size, paper)).convert("L"),
+                       lambda d: 0 if d == 0 else 255)
+    rgba.putalpha(alpha)
+    return rgba
 
 
 def save_dataset(records, out_dir):
@@ -100,9 +126,13 @@ def with_progress(results, n, every=2000):
 def generate_tier1(out_dir, seed):
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
-    for record, image in tier1_samples(seed):
-        record["image"] = f"images/{record['id']}.png"
-        image.save(os.path.join(out_dir, record["image"]), optimize=True)  # committed: smallest files
+    for record, image, image_format in tier1_samples(seed):
+        record["image"] = f"images/{record['id']}.{image_format}"
+        path = os.path.join(out_dir, record["image"])
+        if image_format == "jpg":
+            image.save(path, quality=85)
+        else:
+            image.save(path, optimize=True)  # committed: smallest files
         records.append(record)
     return save_dataset(records, out_dir)
 

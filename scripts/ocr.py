@@ -22,7 +22,7 @@ from nanovlm.metrics import parse_boxes
 
 image = ""  # the image to read
 prompt = "<image>\nOCR this image."
-mode = ""  # image mode; empty = the checkpoint's
+image_mode = ""  # empty = the checkpoint's
 model_tag = "vis_tok"
 checkpoint_dir = ""  # or an explicit checkpoint directory
 step = -1  # -1 = latest
@@ -61,7 +61,7 @@ try:
     picture = load_image(image)
     directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
     model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
-    image_mode = mode or meta["image_mode"]
+    image_mode = image_mode or meta["image_mode"]
     resolve_mode(image_mode)
 except (FileNotFoundError, ValueError) as e:
     fail(e)

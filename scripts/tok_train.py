@@ -7,7 +7,7 @@ Train the BPE tokenizer (rustbpe), save it as plain files in <base dir>/tokenize
 The default corpus needs no download: the Python documentation that ships with Python (pydoc_data.topics) plus
 the prompts and answers of the committed tier-1 dataset. --data takes comma-separated paths: .txt files (one
 document per blank-line separated paragraph block), dataset .json files (prompts and answers) and .jsonl files
-of conversations.
+of conversations; the word `default` stands for the built-in corpus (--data=default,my_set/dataset.json).
 """
 
 import json
@@ -19,7 +19,7 @@ from nanovlm.common import get_base_dir
 from nanovlm.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
 vocab_size = 4096  # total, special tokens included; nanochat uses 65536 for a d20
-data = ""  # comma-separated corpus files; empty = the built-in offline corpus
+data = ""  # comma-separated corpus files; "default" (or empty) = the built-in offline corpus
 max_chars = 2_000_000_000  # stop reading the corpus after this many characters
 doc_cap = 10_000  # characters kept per document
 out_dir = ""  # default: <base dir>/tokenizer
@@ -54,17 +54,20 @@ def text_file_docs(path):
                 yield doc
 
 
+def default_corpus():
+    import pydoc_data.topics  # ships with CPython: a few hundred KB of English prose and code
+    yield from pydoc_data.topics.topics.values()
+    if os.path.exists(TIER1):
+        yield from dataset_texts(TIER1)
+
+
 def corpus(paths):
-    if not paths:
-        import pydoc_data.topics  # ships with CPython: a few hundred KB of English prose and code
-        yield from pydoc_data.topics.topics.values()
-        if os.path.exists(TIER1):
-            yield from dataset_texts(TIER1)
-        return
-    for path in paths:
-        if not os.path.exists(path):
+    for path in paths or ["default"]:
+        if path == "default":
+            yield from default_corpus()
+        elif not os.path.exists(path):
             raise SystemExit(f"--data: file not found: {path}")
-        if path.endswith(".jsonl"):
+        elif path.endswith(".jsonl"):
             yield from conversation_texts(path)
         elif path.endswith(".json"):
             yield from dataset_texts(path)

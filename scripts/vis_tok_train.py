@@ -20,7 +20,7 @@ seed = 0
 resume = False  # continue from the last checkpoint in checkpoints/<model_tag>
 # model
 model = "tiny"  # preset: tiny (CPU), lines (tiny made to read text lines) or d20 (nanochat d20 + DeepEncoder)
-image_mode = ""  # empty = the preset's (tiny: resize:256, lines: rect:2048:64, d20: base)
+image_mode = ""  # empty = the preset's (tiny: resize:256, lines: rect:1024:64, d20: base)
 max_seq_len = 0  # longest training sample in tokens; 0 = the longest record of the data (nothing is truncated)
 ctc_weight = 1.0  # weight of the auxiliary CTC loss, for presets with a CTC read-out (lines)
 start_from = ""  # a nanovlm checkpoint dir (or model_tag) to start from: weights only, new optimizer
@@ -47,6 +47,7 @@ val_data = ""  # empty = evaluate on the training data
 text_data = ""  # JSONL of text-only conversations to mix in
 text_ratio = 0.0  # fraction of samples drawn from text_data
 strict = False  # stop at the first bad record instead of skipping it
+loader_workers = 4  # threads that load (or draw) and preprocess images ahead of the step
 # optimization
 num_iterations = 300
 device_batch_size = 10

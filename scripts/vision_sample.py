@@ -18,17 +18,19 @@ from configurator import configure
 from nanovlm.checkpoint import load_vlm
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
 from nanovlm.dataloader import load_records
-from nanovlm.evaluate import evaluate_records, summarize
+from nanovlm.evaluate import IMAGE_GAP_WARN, evaluate_records, summarize
 from nanovlm.image_process import resolve_mode
+from nanovlm.sheet import make_sheet
 
 data = "data/tier1/dataset.json"
 model_tag = "vis_tok"  # a run under checkpoints/
 checkpoint_dir = ""  # or an explicit checkpoint directory
 step = -1  # -1 = the latest
-mode = ""  # image mode; empty = the one the checkpoint was trained with
+image_mode = ""  # empty = the one the checkpoint was trained with
 max_new_tokens = 512
 limit = -1  # evaluate only the first N records
 json = ""  # write the summary here
+sheet = ""  # write a PNG of the first 24 records: image, prediction (wrong characters in red), reference
 device_type = ""
 user_config = configure(globals())
 
@@ -37,7 +39,7 @@ directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
 try:
     model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
     records = load_records(data)
-    image_mode = mode or meta["image_mode"]
+    image_mode = image_mode or meta["image_mode"]
     resolve_mode(image_mode)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
@@ -64,9 +66,14 @@ if rank == 0:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     print(f"exact {summary['exact']}/{summary['n']} ({summary['exact_rate']:.1%}) | cer {fmt(summary['cer'])} | "
           f"ned {fmt(summary['ned'])} | word precision {fmt(summary['word_precision'])} | "
-          f"loss {fmt(summary['loss'])} | det rate {fmt(summary['det_rate'])} | iou {fmt(summary['iou'])}")
+          f"loss {fmt(summary['loss'])} | image gap {fmt(summary['image_gap'])} | det rate {fmt(summary['det_rate'])} | "
+          f"iou {fmt(summary['iou'])}")
+    if summary["image_gap"] is not None and summary["image_gap"] < IMAGE_GAP_WARN:
+        print(f"warning: image gap {summary['image_gap']:.4f}: the answers barely depend on the image")
     if json:
         with open(json, "w") as f:
             jsonlib.dump(summary, f, indent=2)
         print(f"wrote {json}")
+    if sheet:
+        print(f"wrote {make_sheet(records, samples, sheet)}")
 compute_cleanup()

@@ -122,11 +122,15 @@ def test_bad_records_are_skipped_by_id_or_stop_in_strict_mode(tokenizer, tmp_pat
         take(strict_loader, 2)
 
 
-def test_overlong_answers_are_truncated_never_the_image(tokenizer, tmp_path, capsys):
-    path = write_dataset(str(tmp_path), ["word " * 300])
-    inputs, targets, images, _ = next(vision_batches(load_records(path), tokenizer, 1, 64, MODE))
-    assert inputs.shape[1] == 63 and "truncated" in capsys.readouterr().out
+def test_overlong_records_are_reported_and_skipped_never_cut(tokenizer, tmp_path, capsys):
+    path = write_dataset(str(tmp_path), ["word " * 300, "short"])
+    batches = vision_batches(load_records(path), tokenizer, 1, 64, MODE)
+    inputs, targets, images, _ = next(batches)
+    assert torch.equal(next(batches)[0], inputs)  # the only record that fits, again and again
+    out = capsys.readouterr().out
+    assert "record r0:" in out and "raise --max_seq_len" in out
     assert (inputs == tokenizer.encode_special("<|image|>")).sum() == count_image_tokens(160, 96, MODE) == 7
+    assert inputs.shape[1] < 63  # the short record, whole
 
 
 def test_malformed_dataset_files(tmp_path):
@@ -147,7 +151,7 @@ def test_eval_batches_leave_bad_records_out(tokenizer, tmp_path, capsys):
 
 def test_no_room_for_the_answer_is_a_bad_record(tokenizer, tmp_path, capsys):
     path = write_dataset(str(tmp_path), ["answer"], prompt="<image>" + " long prompt" * 40)
-    with pytest.raises(ValueError, match="no room for any answer token"):
+    with pytest.raises(ValueError, match="more than the sequence length"):
         next(vision_batches(load_records(path), tokenizer, 1, 30, MODE, strict=True))
 
 

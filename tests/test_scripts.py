@@ -60,7 +60,7 @@ def test_ocr_streams_an_answer_and_draws_boxes(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--image=/nowhere/x.png"], "does not exist"),
-    (["--mode=huge"], "unknown image mode"),
+    (["--image_mode=huge"], "unknown image mode"),
     (["--model_tag=empty"], "no checkpoint in"),
     ([], "give an image"),
 ])
