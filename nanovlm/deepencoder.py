@@ -63,6 +63,9 @@ class DeepEncoderConfig:
     # into ctc_classes (bytes + a blank) for an auxiliary CTC loss, so that SAM learns to see characters early.
     ctc_rows: int = 0
     ctc_classes: int = 257
+    # token_ctc_split: > 0 adds the same read-out on the projected tokens the language model sees (one row of
+    # them), each token read as this many CTC steps: the whole path into the GPT learns to carry the characters.
+    token_ctc_split: int = 0
 
     def token_grid(self, height, width):
         """(rows, cols) of the projected grid for an H x W view: 16 px patches, then two stride-2 convs."""
@@ -430,6 +433,8 @@ class DeepEncoder(nn.Module):
         if config.proj_norm_grid:
             rows, cols = config.proj_norm_grid
             self.proj_norm = nn.BatchNorm1d(rows * cols * config.out_dim, affine=False)
+        if config.token_ctc_split > 0:
+            self.token_ctc_head = nn.Linear(config.out_dim, config.token_ctc_split * config.ctc_classes)
         self.init_weights()
 
     @torch.no_grad()
@@ -479,6 +484,16 @@ class DeepEncoder(nn.Module):
         if self.config.proj_norm_grid:
             features = self.normalize_across_images(features)
         return (features, neck) if return_neck else features
+
+    def token_ctc_logits(self, grids):
+        """(B, rows, cols, out_dim) projected grids of one row -> (cols * split, B, ctc_classes) log-probabilities:
+        each token read as token_ctc_split steps, left to right."""
+        B, rows, cols, D = grids.shape
+        if rows != 1:
+            raise ValueError(f"the token read-out reads one row of tokens, the image gives {rows} rows")
+        split = self.config.token_ctc_split
+        logits = self.token_ctc_head(grids[:, 0]).view(B, cols * split, self.config.ctc_classes)
+        return F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
 
     def normalize_across_images(self, features):
         """proj_norm: each (position, channel) standardised over the batch (running statistics at eval; also for
@@ -539,11 +554,12 @@ class DeepEncoder(nn.Module):
         """
         return self.encode_images([(global_view, tiles, tiling)])[0]
 
-    def encode_images(self, images, return_necks=False):
+    def encode_images(self, images, return_readouts=False):
         """
         Many preprocessed images (each a (global_view, tiles, tiling) triple) -> a list of (N_i, out_dim)
-        sequences (and with return_necks, the SAM neck map of each global view). Views of the same shape go
-        through the encoder as one batch.
+        sequences; with return_readouts also, per image, its global view's SAM neck map (neck_dim, H/16, W/16)
+        and projected grid (rows, cols, out_dim), for the CTC read-outs. Views of the same shape go through the
+        encoder as one batch.
         """
         views = [img[0][None] for img in images] + [img[1] for img in images if img[1] is not None and len(img[1])]
         by_shape = {}
@@ -561,14 +577,14 @@ class DeepEncoder(nn.Module):
 
         # hand the features back in the order the views were queued: all global views first, then the tiles
         globals_ = [take(img[0], 1) for img in images]
-        sequences, necks = [], []
+        sequences, readouts = [], []
         for img, (global_features, neck) in zip(images, globals_):
             tiles = img[1]
             tile_features = take(tiles, len(tiles))[0] if tiles is not None and len(tiles) else None
             grid = self.config.token_grid(*img[0].shape[-2:])
             sequences.append(self.layout(global_features[0], tile_features, img[2], grid))
-            necks.append(neck[0])
-        return (sequences, necks) if return_necks else sequences
+            readouts.append((neck[0], global_features[0].view(*grid, -1)))
+        return (sequences, readouts) if return_readouts else sequences
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -87,10 +87,12 @@ def image_gap_losses(model, inputs, targets, images):
     return own, swapped, int(mask.sum())
 
 
-def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, autocast=None, gap_batch=16):
+def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, autocast=None, gap_batch=16):
     """
     One dict per record: id, prediction, reference, loss, swapped_loss (its answer's loss under another record's
     image, None where no other record has an image run of the same length) and the measures of score().
+    max_new_tokens <= 0: as many as the model's sequence length, the longest sample it was trained on (so an
+    answer as long as the longest training answer is never cut short).
     """
     engine = Engine(model, tokenizer)
     device = model.get_device()
@@ -125,7 +127,8 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=512, 
         # the image is decoded and preprocessed once: for the teacher-forced loss and for generation
         inputs, targets, images = collate([rendered], pad_id, device)
         ids = prompt_ids(tokenizer, record["prompt"], image, image_mode)
-        budget = min(max_new_tokens, model.config.sequence_len * 10 - len(ids))
+        wanted = max_new_tokens if max_new_tokens > 0 else model.config.sequence_len
+        budget = min(wanted, model.config.sequence_len * 10 - len(ids))
         with torch.no_grad(), context:
             loss = model(inputs, images=images, targets=targets).item()  # mean cross-entropy of the answer
             out, _ = engine.generate_batch(ids, images=images, max_tokens=budget, temperature=0.0)

@@ -51,6 +51,7 @@ def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
         encoder_config.proj_norm_grid = encoder_config.token_grid(height, width)
     if preset["ctc"]:
         encoder_config.ctc_rows = height // encoder_config.sam_patch_size
+        encoder_config.token_ctc_split = 4  # a token spans 4 neck columns
     return gpt_config, encoder_config, image_mode
 
 
@@ -70,7 +71,7 @@ class VLM(nn.Module):
     def get_device(self):
         return self.gpt.get_device()
 
-    def embed(self, idx, images=None, return_necks=False):
+    def embed(self, idx, images=None, return_readouts=False):
         """
         Token embeddings (B, T, n_embd) with image features spliced in.
         images: preprocessed images (global_view, tiles, tiling) in the order their <|image|> runs appear in idx,
@@ -82,9 +83,9 @@ class VLM(nn.Module):
         if not images:
             if num_slots:
                 raise ValueError(f"the tokens hold {num_slots} <|image|> positions but no images were given")
-            return (x, []) if return_necks else x
-        if return_necks:
-            sequences, necks = self.encoder.encode_images(images, return_necks=True)
+            return (x, []) if return_readouts else x
+        if return_readouts:
+            sequences, readouts = self.encoder.encode_images(images, return_readouts=True)
         else:
             sequences = self.encoder.encode_images(images)
         features = torch.cat(sequences)  # (sum of N_i, n_embd)
@@ -93,7 +94,7 @@ class VLM(nn.Module):
                              f"{num_slots} <|image|> positions (prompt built for another image mode or size?)")
         # masked_scatter fills the True positions in row-major order: the image order of the batch
         x = x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
-        return (x, necks) if return_necks else x
+        return (x, readouts) if return_readouts else x
 
     def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean", ctc_targets=None):
         """
@@ -104,21 +105,33 @@ class VLM(nn.Module):
         if ctc_targets is None:
             return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
                             embeds=self.embed(idx, images))
-        embeds, necks = self.embed(idx, images, return_necks=True)
+        embeds, readouts = self.embed(idx, images, return_readouts=True)
         lm_loss = self.gpt(None, targets=targets, embeds=embeds)
-        return lm_loss, self.ctc_loss(necks, ctc_targets)
+        return lm_loss, self.ctc_loss(readouts, ctc_targets)
 
-    def ctc_loss(self, necks, ctc_targets):
-        """CTC of the SAM neck's column read-out against each image's text bytes (class 0 is the blank, byte b is
-        class b + 1). Impossible alignments (text longer than the columns) count zero instead of infinity."""
-        if not necks:
-            return torch.zeros((), device=self.get_device())
-        log_probs = self.encoder.sam.ctc_logits(torch.stack(necks))  # (T, B, classes)
-        T, B = log_probs.shape[:2]
+    def ctc_loss(self, readouts, ctc_targets):
+        """
+        CTC of the read-outs against each image's text bytes (class 0 is the blank, byte b is class b + 1): the
+        SAM neck's columns (ctc_rows > 0) plus the projected tokens (token_ctc_split > 0), summed. Impossible
+        alignments (text longer than the steps) count zero instead of infinity.
+        """
+        loss = torch.zeros((), device=self.get_device())
+        if not readouts:
+            return loss
+        necks, grids = zip(*readouts)
+        config = self.encoder.config
+        heads = []
+        if config.ctc_rows > 0:
+            heads.append(self.encoder.sam.ctc_logits(torch.stack(necks)))
+        if config.token_ctc_split > 0:
+            heads.append(self.encoder.token_ctc_logits(torch.stack(grids)))
         lengths = torch.tensor([len(t) for t in ctc_targets], dtype=torch.long)
-        flat = torch.cat([t.to(torch.long) + 1 for t in ctc_targets]).to(log_probs.device)
-        return F.ctc_loss(log_probs, flat, torch.full((B,), T, dtype=torch.long), lengths, blank=0,
-                          zero_infinity=True)
+        flat = torch.cat([t.to(torch.long) + 1 for t in ctc_targets])
+        for log_probs in heads:  # (T, B, classes)
+            T, B = log_probs.shape[:2]
+            loss = loss + F.ctc_loss(log_probs, flat.to(log_probs.device), torch.full((B,), T, dtype=torch.long),
+                                     lengths, blank=0, zero_infinity=True)
+        return loss
 
     def estimate_flops(self, seq_len, image_size):
         """

@@ -49,7 +49,7 @@ text_ratio = 0.0  # fraction of samples drawn from text_data
 strict = False  # stop at the first bad record instead of skipping it
 loader_workers = 4  # threads that load (or draw) and preprocess images ahead of the step
 # optimization
-num_iterations = 300
+num_iterations = 400
 device_batch_size = 10
 total_batch_size = 10
 sam_lr, sam_wd = 1e-3, 0.0
@@ -70,7 +70,7 @@ max_bad_steps = 5  # stop after this many non-finite losses in a row
 eval_every = 100
 eval_records = 64  # records for the validation loss
 eval_samples = 4  # records answered greedily and scored at each eval
-max_new_tokens = 256
+max_new_tokens = -1  # -1 = up to the sequence length
 save_every = -1  # -1 = only at the end
 user_config = configure(globals())
 

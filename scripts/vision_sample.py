@@ -27,7 +27,7 @@ model_tag = "vis_tok"  # a run under checkpoints/
 checkpoint_dir = ""  # or an explicit checkpoint directory
 step = -1  # -1 = the latest
 image_mode = ""  # empty = the one the checkpoint was trained with
-max_new_tokens = 512
+max_new_tokens = -1  # -1 = up to the checkpoint's sequence length (its longest training sample)
 limit = -1  # evaluate only the first N records
 json = ""  # write the summary here
 sheet = ""  # write a PNG of the first 24 records: image, prediction (wrong characters in red), reference
