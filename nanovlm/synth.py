@@ -462,15 +462,20 @@ def render_scene(rng, short=False, width=384, height=384):
 
 
 def render_line(rng, short=False):
-    width, height, face = 320, 128, rng.choice(FONT_FACES)
+    face = rng.choice(FONT_FACES)
     text = " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(2, 4)))
     text = text.capitalize() if rng.random() < 0.5 else text
+    return draw_line(rng, face, text), text
+
+
+def draw_line(rng, face, text, width=320, height=128):
+    """One line of text, as large as fits (26-40 px), at a random place on plain paper."""
     size = fit_size(face, text, width - 24, rng.randint(26, 40))
     image = Image.new("RGB", (width, height), paper_color(rng))
     w, h = ink_size(face, size, text)
     corner = (rng.randint(8, max(8, width - w - 8)), rng.randint(8, max(8, height - h - 8)))
     draw_text(ImageDraw.Draw(image), corner, text, face, size, ink_color(rng))
-    return image, text
+    return image
 
 
 SYLLABLES = ["ka", "lo", "mi", "ber", "tan", "vel", "ro", "su", "dim", "or", "ex", "qua", "zen", "pha", "gru", "bel",
@@ -511,14 +516,9 @@ def line2_text(rng):
 
 def render_line2(rng, short=False):
     """A line2 text line on the same canvas, font sizes and placement as render_line."""
-    width, height, face = 320, 128, rng.choice(FONT_FACES)
+    face = rng.choice(FONT_FACES)
     text = line2_text(rng)
-    size = fit_size(face, text, width - 24, rng.randint(26, 40))
-    image = Image.new("RGB", (width, height), paper_color(rng))
-    w, h = ink_size(face, size, text)
-    corner = (rng.randint(8, max(8, width - w - 8)), rng.randint(8, max(8, height - h - 8)))
-    draw_text(ImageDraw.Draw(image), corner, text, face, size, ink_color(rng))
-    return image, text
+    return draw_line(rng, face, text), text
 
 
 def wrap(face, size, text, max_width):

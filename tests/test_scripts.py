@@ -100,3 +100,19 @@ def test_an_unreadable_image_scores_as_an_empty_answer(tokenizer, vlm, tmp_path,
     assert summary["n"] == 2 and "does not exist" in summary["samples"][1]["error"]
     assert summary["samples"][1]["cer"] == 1.0 and summary["loss"] == summary["samples"][0]["loss"]
     assert "record r1" in capsys.readouterr().out
+
+
+def test_tier1_sh_runs_on_another_set_and_writes_the_summary(tokenizer, tmp_path):
+    """The main job on a user's own tier-1 set: tokenizer from the default corpus plus its texts, train, eval."""
+    data = write_dataset(str(tmp_path / "my_set"), ["first answer 1.00", "second answer 2.00"])
+    env = dict(os.environ, NANOVLM_BASE_DIR=str(tmp_path / "base"), OMP_NUM_THREADS="1")
+    out = subprocess.run(["bash", "scripts/tier1.sh", f"--data={data}", "--num_iterations=3", "--eval_every=-1",
+                          "--device_batch_size=2", "--total_batch_size=2", "--image_mode=resize:128"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads((tmp_path / "base" / "tier1" / "eval.json").read_text())
+    assert summary["n"] == 2 and "image_gap" in summary
+    assert "sequence length" in out.stdout and "tier-1 run finished" in out.stdout
+    missing = subprocess.run(["bash", "scripts/tier1.sh", "--data=nowhere.json"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "nowhere.json: no such file" in missing.stdout
