@@ -51,7 +51,6 @@ def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
         encoder_config.proj_norm_grid = encoder_config.token_grid(height, width)
     if preset["ctc"]:
         encoder_config.ctc_rows = height // encoder_config.sam_patch_size
-        encoder_config.token_ctc_split = 4  # a token spans 4 neck columns
     return gpt_config, encoder_config, image_mode
 
 

@@ -23,11 +23,12 @@ from nanovlm.vlm import build_vlm, preset_configs
 ANSWERS = ["alpha 12.50", "beta 3 4 5", "gamma OPEN", "delta line"]
 
 
-def reading_vlm(tokenizer, image_mode="resize:128", ctc=False, seed=0):
-    """A tiny VLM with the projector-output norm (and optionally the CTC read-out) sized for image_mode."""
+def reading_vlm(tokenizer, image_mode="resize:128", ctc=False, token_ctc_split=0, seed=0):
+    """A tiny VLM with the projector-output norm (and optionally the CTC read-outs) sized for image_mode."""
     torch.manual_seed(seed)
     gpt_config, encoder_config, _ = preset_configs("lines" if ctc else "tiny", tokenizer.get_vocab_size(),
                                                    image_mode, sequence_len=128)
+    encoder_config.token_ctc_split = token_ctc_split
     return build_vlm(gpt_config, encoder_config, tokenizer.encode_special("<|image|>"))
 
 
@@ -57,8 +58,8 @@ def test_proj_norm_takes_out_what_every_image_shares(tokenizer):
         encoder(torch.randn(2, 3, 256, 256))
 
 
-def test_ctc_loss_trains_the_sam_neck_read_out(tokenizer):
-    model = reading_vlm(tokenizer, "rect:1024:64", ctc=True).train()
+def test_ctc_loss_trains_the_sam_neck_and_token_read_outs(tokenizer):
+    model = reading_vlm(tokenizer, "rect:1024:64", ctc=True, token_ctc_split=4).train()
     records = load_records("synth:line2:4:0")
     batch = collate([render_record(r, tokenizer, "rect:1024:64", 200) for r in records],
                     tokenizer.encode_special("<|assistant_end|>"), "cpu")
