@@ -1,6 +1,7 @@
 """
 Evaluate a model on dataset records: greedy answers through the engine, teacher-forced loss on the reference
-answer, the image gap and feature spread, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py and training-time eval.
+answer, the image gap and feature spread, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py
+and training-time eval.
 
 The image gap says whether the model uses the image at all: the teacher-forced answer loss with each record's
 image swapped for another record's, minus the loss with its own image. A model that reads has a large gap (the
@@ -73,18 +74,10 @@ def feature_spread(encoder, images):
 
 
 @torch.no_grad()
-def image_gap_losses(model, inputs, targets, images):
-    """(own, swapped, tokens): summed answer losses with the right and with swapped images over the rows that
-    could be swapped, and the number of answer tokens they hold."""
-    other, got_other = swapped_images(inputs, images, model.image_token_id)
-    mask = (targets != -1) & got_other.to(targets.device)[:, None]
-    if not mask.any():
-        return 0.0, 0.0, 0
+def answer_losses(model, inputs, targets, images):
+    """(B, T) per-token cross-entropy of the batch with these images (0 where the target is -1)."""
     B, T = targets.shape
-    per_token = lambda imgs: model(inputs, images=imgs, targets=targets, loss_reduction="none").view(B, T)
-    own = per_token(images)[mask].sum().item()
-    swapped = per_token(other)[mask].sum().item()
-    return own, swapped, int(mask.sum())
+    return model(inputs, images=images, targets=targets, loss_reduction="none").view(B, T).float()
 
 
 def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, autocast=None, gap_batch=16):
@@ -106,9 +99,8 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
     def flush():
         inputs, targets, images = collate([rendered for _, rendered in pending], pad_id, device)
         other, got_other = swapped_images(inputs, images, model.image_token_id)
-        with torch.no_grad(), context:
-            B, T = targets.shape
-            losses = model(inputs, images=other, targets=targets, loss_reduction="none").view(B, T).float()
+        with context:
+            losses = answer_losses(model, inputs, targets, other)
         for row, (sample, _) in enumerate(pending):
             keep = targets[row] != -1
             if got_other[row] and keep.any():

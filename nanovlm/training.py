@@ -23,8 +23,8 @@ from nanovlm.checkpoint import (ADAPTER_KEYS, adapter_path, find_last_step, load
 from nanovlm.lora import load_adapter
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import eval_batches, load_conversations, load_records, longest_record, vision_batches
-from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, feature_spread,
-                              image_gap_losses, summarize)
+from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, answer_losses, evaluate_records,
+                              feature_spread, summarize, swapped_images)
 from nanovlm.image_process import resolve_mode
 from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
 from nanovlm.vlm import build_vlm, model_meta, preset_configs
@@ -412,7 +412,6 @@ def run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world
     model.eval()
     max_tokens = model.config.sequence_len + 1
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss x tokens, tokens, gap x tokens, gap tokens
-    own_sum = swapped_sum = gap_tokens = 0.0
     spread = None
     with torch.no_grad(), autocast:
         for inputs, targets, images in eval_batches(val_records[:cfg["eval_records"]], tokenizer,
@@ -420,12 +419,16 @@ def run_eval(model, tokenizer, val_records, image_mode, cfg, device, rank, world
                                                     rank, world_size):
             if spread is None:
                 spread = feature_spread(model.encoder, images)
-            n = (targets != -1).sum()
-            sums[0] += model(inputs, images=images, targets=targets).double() * n
-            sums[1] += n
-            own, swapped, k = image_gap_losses(model, inputs, targets, images)
-            own_sum, swapped_sum, gap_tokens = own_sum + own, swapped_sum + swapped, gap_tokens + k
-    sums[2], sums[3] = swapped_sum - own_sum, gap_tokens
+            # one forward gives the validation loss and the image gap's reference; the swapped images one more
+            own = answer_losses(model, inputs, targets, images)
+            answer = targets != -1
+            sums[0] += own[answer].sum()
+            sums[1] += answer.sum()
+            other, got_other = swapped_images(inputs, images, model.image_token_id)
+            swapped_rows = answer & got_other.to(answer.device)[:, None]
+            if swapped_rows.any():
+                sums[2] += (answer_losses(model, inputs, targets, other) - own)[swapped_rows].sum()
+                sums[3] += swapped_rows.sum()
     if world_size > 1:
         dist.all_reduce(sums)
     metrics = {"val/loss": (sums[0] / sums[1].clamp(min=1)).item()}

@@ -24,16 +24,17 @@ PRESETS = {
     "tiny": dict(gpt=TINY_GPT, encoder=dict(tiny=True), image_mode="resize:256", proj_norm=True, ctc=False),
     "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4), image_mode="rect:1024:64", proj_norm=True,
                   ctc=True),
-    "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(), image_mode="base",
-                proj_norm=False, ctc=False),
+    "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(),
+                image_mode="base", proj_norm=False, ctc=False),
 }
 
 
 def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
     """
     (GPTConfig, DeepEncoderConfig, image_mode) of a preset; the projector width follows the GPT's n_embd.
-    image_mode: empty for the preset's own; sequence_len: 0 for the preset's own. The projector-output norm and the CTC read-out are built for this
-    mode's grid (they fix its shape), so a model with them reads in the mode it was trained in.
+    image_mode: empty for the preset's own; sequence_len: 0 for the preset's own. The projector-output norm and
+    the CTC read-out are built for this mode's grid (they fix its shape), so a model with them reads in the mode
+    it was trained in.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown model preset '{name}', choose from {', '.join(PRESETS)}")

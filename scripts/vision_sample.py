@@ -66,8 +66,8 @@ if rank == 0:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     print(f"exact {summary['exact']}/{summary['n']} ({summary['exact_rate']:.1%}) | cer {fmt(summary['cer'])} | "
           f"ned {fmt(summary['ned'])} | word precision {fmt(summary['word_precision'])} | "
-          f"loss {fmt(summary['loss'])} | image gap {fmt(summary['image_gap'])} | det rate {fmt(summary['det_rate'])} | "
-          f"iou {fmt(summary['iou'])}")
+          f"loss {fmt(summary['loss'])} | image gap {fmt(summary['image_gap'])} | "
+          f"det rate {fmt(summary['det_rate'])} | iou {fmt(summary['iou'])}")
     if summary["image_gap"] is not None and summary["image_gap"] < IMAGE_GAP_WARN:
         print(f"warning: image gap {summary['image_gap']:.4f}: the answers barely depend on the image")
     if json:
