@@ -17,6 +17,15 @@ def get_base_dir():
     return base_dir
 
 
+def _read_umask():
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file: temp files start at 0600
+
+
 def atomic_write(path, data):
     """
     Write bytes (or call data(tmp_path) to write the file) so that `path` is either the old file or the complete
@@ -34,6 +43,7 @@ def atomic_write(path, data):
                 f.write(data)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

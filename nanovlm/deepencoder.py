@@ -85,9 +85,6 @@ class DeepEncoderConfig:
         return cls(**{**tiny, **overrides})
 
 
-tiny_config = DeepEncoderConfig.tiny
-
-
 def interpolate_grid(grid, size):
     """Resize a (1, C, g, g) position grid to size (an int, or (rows, cols)) the way the reference does: bicubic
     with antialias, in float32. antialias=True changes the cubic kernel (PIL's -0.5 instead of -0.75), so it

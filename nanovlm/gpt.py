@@ -121,9 +121,6 @@ class KVCache:
         self.cache = None
         self.pos = 0
 
-    def reset(self):
-        self.pos = 0
-
     def get_pos(self):
         return self.pos
 

@@ -1,5 +1,6 @@
 """
-NF4: 4-bit NormalFloat weights (QLoRA, Dettmers et al. 2023), in plain PyTorch, byte-compatible with bitsandbytes.
+NF4: 4-bit NormalFloat weights (QLoRA, Dettmers et al. 2023), byte-compatible with bitsandbytes. Plain PyTorch
+here; on CUDA the dequantize and the 4-bit matmuls run in the Triton kernels of nf4_triton.py (see kernel_for).
 
     weight (any shape, any float dtype)
       -> flatten row-major, in fp32
@@ -21,6 +22,7 @@ it in. Module names are matched by `name_matches` (also used by lora.py).
 
 import json
 import math
+import os
 import re
 import warnings
 
@@ -44,7 +46,6 @@ NF4_THRESHOLDS = [
     0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
 ]
 NESTED_BLOCKSIZE = 256  # second-level blocksize of double quantization, fixed by bitsandbytes
-ZERO_CODE = 7  # the code of 0.0: pads an odd numel
 
 
 def check_blocksize(blocksize):
@@ -115,7 +116,7 @@ def quantize_absmax(absmax):
 
 
 # -----------------------------------------------------------------------------
-# Dequantize: a plain torch path (CPU, and the reference) and a torch.compile'd one for CUDA
+# Dequantize: the plain torch path (CPU, and the reference every kernel is checked against)
 
 def absmax_fp32(absmax, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
     """The per-block scales in fp32; for a double-quantized state dyn[q] * absmax2[i // 256] + offset."""
@@ -137,38 +138,61 @@ def dequantize_flat(packed, absmax, code, blocksize, numel, dtype, nested_absmax
     return values.view(-1)[:numel].to(dtype)
 
 
-FAST_DEQUANTIZE = True  # use the compiled kernel on CUDA; set False to force the plain path
-_compiled_dequantize = None
+# -----------------------------------------------------------------------------
+# Which kernels run: the Triton ones (nf4_triton.py) on CUDA, plain torch elsewhere.
+# NANOVLM_NF4_KERNEL=triton|torch forces a path; with TRITON_INTERPRET=1 the Triton path runs on CPU tensors.
+
+KERNEL_ENV = "NANOVLM_NF4_KERNEL"
+_triton_module, _triton_error, _warned = None, None, set()
 
 
-def dequantize_flat_fast(*args, **kwargs):
-    """dequantize_flat as one fused generated kernel (unpack, lookup, scale, cast); the plain path if unavailable."""
-    global _compiled_dequantize, FAST_DEQUANTIZE
-    if not FAST_DEQUANTIZE or torch.compiler.is_compiling():  # off, or inside a compiled model that fuses it anyway
-        return dequantize_flat(*args, **kwargs)
-    try:
-        if _compiled_dequantize is None:
-            # dynamic shapes: one kernel for every layer size, instead of a recompile (and soon a cache miss) each
-            _compiled_dequantize = torch.compile(dequantize_flat, dynamic=True)
-        return _compiled_dequantize(*args, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise  # not a compiler problem: the plain path would need even more memory
-    except Exception as e:  # no torch.compile / triton / compiler here: stay correct, just slower
-        warnings.warn(f"compiled NF4 dequantize unavailable ({type(e).__name__}: {e}); using the plain torch path")
-        FAST_DEQUANTIZE = False
-        return dequantize_flat(*args, **kwargs)
+def load_triton_kernels():
+    """nanovlm.nf4_triton, or None with the reason kept in _triton_error (no triton installed, ...)."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            from nanovlm import nf4_triton
+            _triton_module = nf4_triton
+        except Exception as e:  # ImportError, or a triton that fails to initialise
+            _triton_error = f"{type(e).__name__}: {e}"
+    return _triton_module
 
 
-def dequantize_nf4(state, dtype=None, fast=None):
-    """Reconstruct the weight (state's shape, dtype or state's dtype). fast: the compiled kernel, default on CUDA."""
+def kernel_for(tensor):
+    """
+    "triton" or "torch" for a 4-bit weight living where `tensor` does. Automatic: Triton on CUDA, torch on other
+    devices. A forced Triton path that cannot run is an error; an automatic one falls back to torch and says so
+    once, with the reason, never silently.
+    """
+    choice = os.environ.get(KERNEL_ENV, "").strip().lower()
+    if choice not in ("", "auto", "triton", "torch"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: use triton, torch, or leave it unset (automatic)")
+    if choice == "torch" or (choice in ("", "auto") and not tensor.is_cuda):
+        return "torch"
+    reason = None
+    if load_triton_kernels() is None:
+        reason = f"triton cannot be imported ({_triton_error})"
+    elif not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = f"the weight is on {tensor.device.type}: Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1"
+    if reason is None:
+        return "triton"
+    if choice == "triton":
+        raise RuntimeError(f"{KERNEL_ENV}=triton, but {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"NF4 Triton kernels unavailable, using the plain torch path: {reason}")
+    return "torch"
+
+
+def dequantize_nf4(state, dtype=None):
+    """Reconstruct the weight (state's shape, dtype or state's dtype), with the kernel kernel_for picks."""
     dtype = dtype or state["dtype"]
     packed = state["packed"]
-    if fast is None:
-        fast = FAST_DEQUANTIZE and packed.is_cuda
+    if kernel_for(packed) == "triton":
+        return _triton_module.dequantize(state, dtype)
     nested = {k: state[k] for k in ("nested_absmax", "nested_code", "nested_offset", "nested_blocksize") if k in state}
     numel = math.prod(state["shape"])
-    fn = dequantize_flat_fast if fast else dequantize_flat
-    flat = fn(packed, state["absmax"], state["code"], state["blocksize"], numel, dtype, **nested)
+    flat = dequantize_flat(packed, state["absmax"], state["code"], state["blocksize"], numel, dtype, **nested)
     return flat.view(state["shape"])
 
 
@@ -204,11 +228,6 @@ def state_to_bnb(state, name="weight"):
     json_bytes = json.dumps(fields).encode("utf-8")
     tensors[f"{name}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json_bytes), dtype=torch.uint8)
     return tensors
-
-
-def bnb_keys(tensors, name="weight"):
-    """The keys of one bitsandbytes 4-bit weight present in a state dict."""
-    return [k for k in tensors if k == name or k.startswith(name + ".")]
 
 
 def state_from_bnb(tensors, name="weight"):
@@ -256,21 +275,37 @@ def check_state(state, name="weight"):
 # -----------------------------------------------------------------------------
 # The 4-bit Linear layer
 
+# Products with at most this many rows (decode: batch x new tokens) run in the fused Triton kernels, which read
+# the 4-bit codes straight into the matmul; larger ones dequantize once and use the vendor GEMM, which wins when
+# the weight is reused across many rows.
+FUSED_MAX_ROWS = 64
+
+
 class DequantLinear(torch.autograd.Function):
     """
     x @ W^T with W dequantized on the fly. The backward pass dequantizes W again instead of saving it, so only the
     4-bit state stays alive between forward and backward (the point of QLoRA), and W never gets a gradient.
+    On the Triton path, few rows never materialize W at all (nf4_triton.matmul / matmul_grad_input).
     """
 
     @staticmethod
     def forward(ctx, x, state):
         ctx.state = state
+        rows = x.numel() // x.size(-1)
+        if rows <= FUSED_MAX_ROWS and kernel_for(state["packed"]) == "triton":
+            out = _triton_module.matmul(x.reshape(rows, x.size(-1)), state)
+            return out.view(*x.shape[:-1], out.size(-1))
         return F.linear(x, dequantize_nf4(state, x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = grad_out @ dequantize_nf4(ctx.state, grad_out.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        rows = grad_out.numel() // grad_out.size(-1)
+        if rows <= FUSED_MAX_ROWS and kernel_for(ctx.state["packed"]) == "triton":
+            grad_x = _triton_module.matmul_grad_input(grad_out.reshape(rows, grad_out.size(-1)), ctx.state)
+            return grad_x.view(*grad_out.shape[:-1], grad_x.size(-1)), None
+        return grad_out @ dequantize_nf4(ctx.state, grad_out.dtype), None
 
 
 QUANT_BUFFERS = ("absmax", "code", "nested_absmax", "nested_code", "nested_offset")

@@ -25,9 +25,8 @@ from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_
 from nanovlm.dataloader import eval_batches, load_conversations, load_records, longest_record, vision_batches
 from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, answer_losses, evaluate_records,
                               feature_spread, summarize, swapped_images)
-from nanovlm.image_process import resolve_mode
 from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
-from nanovlm.vlm import build_vlm, model_meta, preset_configs
+from nanovlm.vlm import build_vlm, model_meta, preset_configs, weight_elements_by_stage
 
 # Parameter groups, by full parameter name. Every trainable parameter must match exactly one pattern.
 NOT_LORA = r"(?!.*\.lora_[AB]\.)"
@@ -96,6 +95,16 @@ def ctc_targets_of(inputs, targets, tokenizer, image_token_id):
             ids = [t for t in targets[row].tolist() if t != -1 and t not in specials]
             texts.append(torch.tensor(list(tokenizer.decode(ids).encode("utf-8")), dtype=torch.long))
     return texts
+
+
+def views_of(images):
+    """(height, width) of every view the encoder runs for these images: each global view, then each tile."""
+    views = []
+    for image in images:
+        views.append(tuple(image.global_view.shape[-2:]))
+        if image.tiles is not None:
+            views += [tuple(image.tiles.shape[-2:])] * image.tiles.size(0)
+    return views
 
 
 def peak_flops(device):
@@ -245,10 +254,10 @@ def train(cfg):
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                       find_unused_parameters=texts is not None) if ddp else model
 
-    gpt_flops, encoder_flops = model.estimate_flops(model.config.sequence_len, resolve_mode(image_mode).global_size)
     use_ctc = model.encoder.config.ctc_rows > 0 and cfg["ctc_weight"] > 0
     image_token_id = model.image_token_id
     flops_peak = peak_flops(device)
+    flop_stages = weight_elements_by_stage(model) if flops_peak else None  # what trains is fixed from here on
     num_iterations = cfg["num_iterations"]
     smooth_loss = loop_state.get("smooth_loss", 0.0)
     total_time = loop_state.get("total_time", 0.0)
@@ -288,7 +297,7 @@ def train(cfg):
         # ---- one optimizer step
         synchronize()
         t0 = time.time()
-        tokens, n_images, loss_sum, ctc_sum = 0, 0, 0.0, 0.0
+        tokens, flops, loss_sum, ctc_sum = 0, 0, 0.0, 0.0
         for micro in range(grad_accum):
             inputs, targets, images, consumed_state = batch
             sync = not ddp or micro == grad_accum - 1  # DDP all-reduces only on the last micro-batch
@@ -303,7 +312,8 @@ def train(cfg):
             (total / grad_accum).backward()
             loss_sum += loss.detach()
             tokens += inputs.numel()
-            n_images += len(images)
+            if flop_stages:
+                flops += model.training_flops(*inputs.shape, views_of(images), (targets != -1).sum(), flop_stages)
             batch = next(loader)
         train_loss = loss_sum / grad_accum
         if ddp:
@@ -337,10 +347,8 @@ def train(cfg):
         if step - start_step > 2:
             total_time += dt  # the first steps warm up the allocator and threads
         tokens *= world_size
-        n_images *= world_size
         tok_per_sec = int(tokens / dt)
-        flops = gpt_flops * tokens + encoder_flops * n_images
-        mfu = f"{100 * flops / dt / (flops_peak * world_size):.2f}" if flops_peak else "-"
+        mfu = f"{100 * float(flops) / dt / flops_peak:.2f}" if flops_peak else "-"  # this rank's share of its GPU
         ctc_part = f" | ctc {ctc_loss:.4f}" if use_ctc else ""
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {debiased:.6f}"
                f"{ctc_part} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | tok/sec {tok_per_sec:,} | mfu {mfu} | "

@@ -6,6 +6,8 @@ encoder turns each image into exactly N vectors in DeepSeek-OCR's layout, and th
 embeddings at the <|image|> positions, in order. The GPT then runs on the spliced embeddings (forward(embeds=)).
 """
 
+import math
+import re
 from dataclasses import asdict
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 from nanovlm.gpt import GPT, GPTConfig
 from nanovlm.image_process import global_shape, resolve_mode
+from nanovlm.nf4 import Linear4bit
 
 # Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 16 tokens
 # in reading order, a CTC read-out on SAM's neck); "d20" is nanochat's d20 GPT with the real DeepEncoder.
@@ -133,29 +136,80 @@ class VLM(nn.Module):
                                      lengths, blank=0, zero_infinity=True)
         return loss
 
-    def estimate_flops(self, seq_len, image_size):
+    def training_flops(self, rows, seq_len, views, scored_tokens, stages=None):
         """
-        Training FLOPs per GPT token, and per image for the encoder: 2 x params x tokens forward, x3 with the
-        backward of a tower that trains, x2 for a frozen tower whose input still needs gradients, x1 for a frozen
-        tower with nothing trainable before it (stage 2's SAM). Attention scores inside the encoder are left out.
+        FLOPs of one training micro-batch: `rows` sequences of seq_len tokens (the padded length that runs),
+        lm_head applied at scored_tokens positions (our loss runs it on supervised tokens only), and the image
+        views the encoder ran on, as (height, width): each global view and each tile at its own size.
+
+        A weight element costs 2 FLOPs per position it is applied at, forward; +2 for the gradient of its input
+        when anything at or before its stage trains; +2 for its own gradient when it trains (6 = nanochat's 6N).
+        4-bit weights count by their elements, not their packed bytes. Stages, in forward order: SAM body, net_2,
+        net_3, CLIP, projector, each GPT block, lm_head (read-out heads beside their stage). Plus the GPT's
+        attention scores, nanochat's 12 x layers x heads x head_dim x seq_len per token. Attention inside the
+        encoder is left out.
         """
-        gpt_flops = self.gpt.estimate_flops(seq_len)
-        patches = (image_size // self.encoder.config.sam_patch_size) ** 2
-        grid = (image_size // 64) ** 2
-        sam = self.encoder.sam
-        compressor = list(sam.net_2.parameters()) + list(sam.net_3.parameters())
-        sam_body = [p for p in sam.parameters() if all(p is not c for c in compressor)]
-        # (parameters, positions they are applied at): a conv costs its params once per output position
-        towers = [(sam_body, patches), (list(sam.net_2.parameters()), (image_size // 32) ** 2),
-                  (list(sam.net_3.parameters()), grid), (list(self.encoder.clip.parameters()), grid + 1),
-                  (list(self.encoder.projector.parameters()), grid)]
-        encoder_flops, upstream_trains = 0, False
-        for params, positions in towers:
-            trains = any(p.requires_grad for p in params)
-            passes = 3 if trains else (2 if upstream_trains else 1)
-            upstream_trains = upstream_trains or trains
-            encoder_flops += 2 * passes * sum(p.numel() for p in params) * positions
-        return gpt_flops, encoder_flops
+        stages = weight_elements_by_stage(self)
+        positions = dict.fromkeys(stages, 0)
+        patch = self.encoder.config.sam_patch_size
+        for height, width in views:
+            ph, pw = height // patch, width // patch  # SAM patches; each stride-2 conv halves, rounding up
+            grid = math.ceil(ph / 4) * math.ceil(pw / 4)
+            for stage, count in (("sam", ph * pw), ("sam_ctc", pw), ("net_2", math.ceil(ph / 2) * math.ceil(pw / 2)),
+                                 ("net_3", grid), ("clip", grid + 1), ("projector", grid),
+                                 ("token_ctc", math.ceil(pw / 4))):
+                if stage in positions:
+                    positions[stage] += count
+        for stage in positions:
+            if stage.startswith("gpt_h"):
+                positions[stage] = rows * seq_len
+        positions["lm_head"] = scored_tokens
+        flops, upstream_trains = 0, False
+        for stage, (trainable, frozen) in stages.items():
+            upstream_trains = upstream_trains or trainable > 0
+            per_position = 6 * trainable + (4 if upstream_trains else 2) * frozen
+            flops += per_position * positions[stage]
+        c = self.gpt.config
+        flops += 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len * rows * seq_len
+        return flops
+
+
+# Parameters that are not weights applied at every position: lookups and added tables (the token embedding,
+# position tables, SAM's rel-pos tables, CLIP's class token) and CLIP's patch conv, which never runs here
+NOT_MATMUL = r"gpt\.transformer\.wte\.weight|encoder\.sam\.pos_embed|.*\.rel_pos_[hw]|" \
+             r"encoder\.clip\.embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"
+# The stage a parameter belongs to, by name (first match), in forward order
+FLOP_STAGES = [
+    ("sam_ctc", r"encoder\.sam\.ctc_head\..*"),
+    ("net_2", r"encoder\.sam\.net_2\..*"),
+    ("net_3", r"encoder\.sam\.net_3\..*"),
+    ("sam", r"encoder\.sam\..*"),
+    ("clip", r"encoder\.clip\..*"),
+    ("token_ctc", r"encoder\.token_ctc_head\..*"),
+    ("projector", r"encoder\..*"),
+    ("lm_head", r"gpt\.lm_head\..*"),
+]
+FORWARD_ORDER = ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
+
+
+def weight_elements_by_stage(model):
+    """{stage: (trainable elements, frozen elements)} in forward order. A 4-bit Linear's packed weight counts as
+    its out x in elements."""
+    counts = {}
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{module_name}.{pname}"
+            if re.fullmatch(NOT_MATMUL, name):
+                continue
+            block = re.match(r"gpt\.transformer\.h\.(\d+)\.", name)
+            stage = f"gpt_h{int(block.group(1)):04d}" if block else \
+                next(s for s, pattern in FLOP_STAGES if re.fullmatch(pattern, name))
+            elements = module.in_features * module.out_features if isinstance(module, Linear4bit) and \
+                pname == "weight" else p.numel()
+            trainable, frozen = counts.get(stage, (0, 0))
+            counts[stage] = (trainable + elements, frozen) if p.requires_grad else (trainable, frozen + elements)
+    order = FORWARD_ORDER + sorted(s for s in counts if s.startswith("gpt_h")) + ["lm_head"]
+    return {stage: counts[stage] for stage in order if stage in counts}
 
 
 def build_vlm(gpt_config, encoder_config, image_token_id, device="cpu", init=True):

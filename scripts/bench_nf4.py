@@ -1,7 +1,9 @@
 """
-NF4 weights against 16-bit ones, in one run: weight memory, quantize and dequantize throughput, and a Linear4bit
+NF4 weights against 16-bit ones, in one run: weight memory, quantize and dequantize throughput, a Linear4bit
 forward against a plain Linear forward (bf16 on CUDA; fp32 on CPU, where bf16 matmuls are several times slower
-and would flatter the 4-bit layer). Runs on the CPU, and on CUDA too when there is a GPU.
+and would flatter the 4-bit layer), and on CUDA the Triton kernels: dequantize GB/s against the plain torch path,
+and a decode-shaped product (decode_rows x in_features) as the fused 4-bit matmul, as dequantize + F.linear, and
+as a bf16 Linear. Runs on the CPU, and on CUDA too when there is a GPU.
 
     python -m scripts.bench_nf4
     python -m scripts.bench_nf4 --out_features=3072 --in_features=768 --double_quant=False --tokens=2048
@@ -15,13 +17,16 @@ import time
 import torch
 import torch.nn as nn
 
-from nanovlm.nf4 import Linear4bit, dequantize_nf4, quantize_nf4, state_nbytes
+import torch.nn.functional as F
+
+from nanovlm.nf4 import Linear4bit, dequantize_flat, dequantize_nf4, load_triton_kernels, quantize_nf4, state_nbytes
 
 out_features = 5120  # a d20 MLP up-projection: 1280 -> 5120
 in_features = 1280
 blocksize = 64
 double_quant = True  # the QLoRA setting; without it the fp32 scales alone cost 0.5 bit a weight
 tokens = 512  # rows of the forward's input
+decode_rows = "1,8"  # rows of the decode-shaped products (batch x new tokens), CUDA only
 repeats = 5  # timed calls per row, median reported
 devices = ""  # comma-separated; "" = cpu, plus cuda when available
 threads = 0  # CPU threads; 0 = torch's default
@@ -36,7 +41,7 @@ numel = out_features * in_features
 
 
 def median_ms(fn, device):
-    fn()  # warm-up (and, on CUDA, the compile of the fused dequantize)
+    fn()  # warm-up (and, on CUDA, the compile of the Triton kernels)
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -68,11 +73,16 @@ for device in device_list:
     ms = median_ms(lambda: quantize_nf4(weight, blocksize, double_quant), device)
     row(device, f"quantize {name} -> nf4", ms, rate(ms))
     state = quantize_nf4(weight, blocksize, double_quant)
-    ms = median_ms(lambda: dequantize_nf4(state, compute_dtype, fast=False), device)
-    row(device, f"dequantize nf4 -> {name}", ms, rate(ms))
-    if device == "cuda":
-        ms = median_ms(lambda: dequantize_nf4(state, compute_dtype, fast=True), device)
-        row(device, f"dequantize nf4 -> {name}, compiled", ms, rate(ms))
+    nested = {k: state[k] for k in ("nested_absmax", "nested_code", "nested_offset", "nested_blocksize") if k in state}
+    plain = lambda: dequantize_flat(state["packed"], state["absmax"], state["code"], blocksize, numel,  # noqa: E731
+                                    compute_dtype, **nested)
+    moved = state_nbytes(state) + numel * weight.element_size()  # read the 4-bit state, write the weight
+    ms = median_ms(plain, device)
+    row(device, f"dequantize nf4 -> {name}, torch", ms, f"{rate(ms)} {moved / ms / 1e6:7.1f} GB/s")
+    kernels = load_triton_kernels() if device == "cuda" else None
+    if kernels is not None:
+        ms = median_ms(lambda: kernels.dequantize(state, compute_dtype), device)
+        row(device, f"dequantize nf4 -> {name}, triton", ms, f"{rate(ms)} {moved / ms / 1e6:7.1f} GB/s")
     err = (dequantize_nf4(state, torch.float32) - weight.float()).norm() / weight.float().norm()
     print(f"{device:<6} nf4 relative error {err.item():.4f}")
 
@@ -86,6 +96,18 @@ for device in device_list:
         row(device, f"forward Linear {name}", base_ms)
         ms = median_ms(lambda: layer(x), device)
         row(device, f"forward Linear4bit {name}", ms, f"{ms / base_ms:.2f}x the {name} Linear")
+        for rows in [int(r) for r in decode_rows.split(",")] if kernels is not None else []:
+            xd = torch.randn(rows, in_features, device=device, dtype=compute_dtype)
+            base_ms = median_ms(lambda: linear(xd), device)
+            row(device, f"decode {rows} rows: Linear {name}", base_ms)
+            ms = median_ms(lambda: F.linear(xd, plain().view(out_features, in_features)), device)
+            row(device, f"decode {rows} rows: torch dequant+linear", ms, f"{ms / base_ms:.2f}x the {name} Linear")
+            ms = median_ms(lambda: F.linear(xd, kernels.dequantize(state, compute_dtype)), device)
+            row(device, f"decode {rows} rows: triton dequant+linear", ms, f"{ms / base_ms:.2f}x the {name} Linear")
+            ms = median_ms(lambda: kernels.matmul(xd, state), device)
+            row(device, f"decode {rows} rows: triton fused 4-bit", ms, f"{ms / base_ms:.2f}x the {name} Linear")
+    if device == "cpu" and "cuda" not in device_list:
+        print("cpu    GPU figures (Triton dequantize GB/s, fused decode matmul) not measured: no CUDA device here")
 
 bf16_bytes = numel * 2
 plain = state_nbytes(quantize_nf4(weight_fp32, blocksize, double_quant=False))

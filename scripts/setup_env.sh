@@ -17,7 +17,9 @@ if ! python -c "import torch" 2>/dev/null; then
         pip_install "torch==2.13.0"
     fi
 fi
-if ! python -c "import nanovlm, tiktoken, rustbpe, safetensors, PIL, pytest" 2>/dev/null; then
+needs="nanovlm, tiktoken, rustbpe, safetensors, PIL, pytest"
+[ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && needs="$needs, triton"   # the dev extra's triton (kernel tests)
+if ! python -c "import $needs" 2>/dev/null; then
     pip_install -e ".[dev]"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"

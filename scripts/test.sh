@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-# pytest exits 5 when it collects nothing; that is not a failure of the code
-python -m pytest tests "$@" || { rc=$?; [ $rc -eq 5 ] && exit 0; exit $rc; }
+# an empty selection fails too (pytest exits 5): a suite that ran nothing proves nothing
+python -m pytest tests "$@"

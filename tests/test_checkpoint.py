@@ -111,6 +111,10 @@ def test_our_format_round_trip_and_latest(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     optim2 = torch.optim.AdamW(model.parameters())
     optim2.load_state_dict(optim_state)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path):  # the user's umask, like any file they write (not the temp file's 0600)
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_save_killed_halfway_leaves_last_checkpoint(tmp_path, monkeypatch):

@@ -270,23 +270,6 @@ def test_gradient_checkpointing_same_gradients(tiny):
     assert "sam.blocks.1.attn.rel_pos_h" in grads[0] and "sam.pos_embed" in grads[0]
 
 
-def test_tiny_forward_backward_speed(tiny):
-    import time
-    x = torch.randn(1, 3, 256, 256)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: on a shared machine, more threads than free cores can run 100x slower
-    try:
-        tiny(x).sum().backward()  # warm-up
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            tiny(x).sum().backward()
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    assert min(times) < 0.25  # ~20 ms on one core; generous for a loaded machine
-
-
 # -----------------------------------------------------------------------------
 # layout
 

@@ -267,11 +267,11 @@ def test_memory_with_double_quant_is_under_028x_of_bf16():
 
 
 # -----------------------------------------------------------------------------
-# CUDA fast path (compiled dequantize), checked against the plain path
+# CUDA: the automatic path (Triton kernels) against the plain torch path
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_cuda_fast_dequantize_matches_plain(double_quant):
+def test_cuda_triton_path_matches_plain(double_quant, monkeypatch):
     torch.manual_seed(0)
     for shape, blocksize in [((256, 1024), 64), ((33, 300), 128), ((7, 129), 32)]:
         w = torch.randn(shape, device="cuda") * 0.02
@@ -279,14 +279,20 @@ def test_cuda_fast_dequantize_matches_plain(double_quant):
         cpu_state = quantize_nf4(w.cpu(), blocksize, double_quant)
         assert torch.equal(state["packed"].cpu(), cpu_state["packed"])
         for dtype in (torch.float32, torch.bfloat16):
-            plain = dequantize_nf4(state, dtype, fast=False)
-            fast = dequantize_nf4(state, dtype, fast=True)
+            monkeypatch.setenv("NANOVLM_NF4_KERNEL", "torch")
+            plain = dequantize_nf4(state, dtype)
+            monkeypatch.setenv("NANOVLM_NF4_KERNEL", "triton")
+            fast = dequantize_nf4(state, dtype)
             assert torch.allclose(fast.float(), plain.float(), rtol=1e-6, atol=0)
+    monkeypatch.delenv("NANOVLM_NF4_KERNEL")
     layer = Linear4bit.from_linear(nn.Linear(256, 512), double_quant=double_quant).cuda()
-    x = torch.randn(8, 256, device="cuda", requires_grad=True)
-    y = layer(x)
-    assert y.dtype == torch.float32
-    ref = F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16()).float()
-    assert torch.allclose(y, ref, atol=2e-2, rtol=2e-2)
-    y.sum().backward()
-    assert x.grad is not None and layer.weight.grad is None
+    for rows in (8, 200):  # the fused decode kernels, and dequantize + the vendor GEMM
+        x = torch.randn(rows, 256, device="cuda", requires_grad=True)
+        y = layer(x)
+        assert y.dtype == torch.float32
+        ref = F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16()).float()
+        assert torch.allclose(y, ref, atol=2e-2, rtol=2e-2)
+        y.sum().backward()
+        ref_grad = torch.ones(rows, 512, device="cuda", dtype=torch.bfloat16) @ layer.dequantize(torch.bfloat16)
+        assert torch.allclose(x.grad, ref_grad.float(), atol=2e-2, rtol=2e-2)
+        assert layer.weight.grad is None

@@ -77,3 +77,53 @@ def test_projector_width_follows_the_gpt(tokenizer):
     assert encoder_config.out_dim == gpt_config.n_embd
     with pytest.raises(ValueError, match="unknown model preset"):
         preset_configs("huge", 10)
+
+
+def test_training_flops_equal_a_hand_count(tokenizer):
+    """Every view at its own size, the real sequence length, lm_head on scored tokens only, 4-bit weights by their
+    elements, and the backward factor only where something trains."""
+    from nanovlm.deepencoder import DeepEncoderConfig
+    from nanovlm.gpt import GPTConfig
+    from nanovlm.lora import apply_lora
+    from nanovlm.nf4 import quantize_model
+    from nanovlm.vlm import build_vlm
+
+    V = tokenizer.get_vocab_size()
+    gpt_config = GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = build_vlm(gpt_config, DeepEncoderConfig.tiny(out_dim=32), tokenizer.encode_special("<|image|>"))
+    views = [(128, 128), (64, 64), (64, 64)]  # a global view and two tiles
+    rows, T, scored = 3, 20, 17
+
+    def elements(prefix, skip=()):
+        """Weights applied at every position: no lookups or added tables, no unused CLIP patch conv."""
+        skip += ("encoder.clip.embeddings.", "encoder.sam.pos_embed")
+        return sum(p.numel() for n, p in model.named_parameters()
+                   if n.startswith(prefix) and not n.startswith(skip) and "rel_pos" not in n)
+    sam = elements("encoder.sam.", ("encoder.sam.net_2.", "encoder.sam.net_3."))
+    net_2, net_3, clip = elements("encoder.sam.net_2."), elements("encoder.sam.net_3."), elements("encoder.clip.")
+    projector = elements("encoder.projector.") + elements("encoder.image_newline") + elements("encoder.view_seperator")
+    # positions: 128 px -> 8x8 patches, net_2 4x4, grid 2x2 (+1 CLS in CLIP); 64 px -> 4x4, 2x2, 1x1 (+1)
+    encoder_positions = [(sam, 64 + 16 + 16), (net_2, 16 + 4 + 4), (net_3, 4 + 1 + 1), (clip, 5 + 2 + 2),
+                         (projector, 4 + 1 + 1)]
+    block = 4 * 32 * 32 + 2 * 32 * 128  # attention q, k, v, proj + MLP up and down: 12288 weights, no biases
+    attention = 12 * 2 * 2 * 16 * T * rows * T  # nanochat's term at the real length
+    lm_head = V * 32
+
+    full = 6 * sum(e * n for e, n in encoder_positions) + 6 * 2 * block * rows * T + 6 * lm_head * scored
+    assert model.training_flops(rows, T, views, scored) == full + attention
+
+    for p in list(model.encoder.sam.parameters()):  # stage 2: SAM and the compressor frozen, nothing before them
+        p.requires_grad_(False)
+    stage2 = 2 * (sam * 96 + net_2 * 24 + net_3 * 6) + 6 * (clip * 9 + projector * 6) + \
+        6 * 2 * block * rows * T + 6 * lm_head * scored
+    assert model.training_flops(rows, T, views, scored) == stage2 + attention
+
+    # QLoRA: 4-bit GPT blocks under r=4 adapters, everything else frozen
+    quantize_model(model, include=r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+")
+    apply_lora(model, r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+", r=4, alpha=8)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    lora = 4 * 4 * (32 + 32) + 4 * (32 + 128) + 4 * (128 + 32)  # per block: A (r x in) + B (out x r)
+    qlora = 2 * sum(e * n for e, n in encoder_positions) + (4 * block + 6 * lora) * 2 * rows * T + \
+        4 * lm_head * scored
+    assert model.training_flops(rows, T, views, scored) == qlora + attention
