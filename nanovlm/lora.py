@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from nanovlm.common import atomic_write
-from nanovlm.nf4 import Linear4bit, dequantize_nf4, name_matches, quantize_nf4, replace_module
+from nanovlm.nf4 import Linear4bit, dequantize_nf4, name_matches, quantize_model, quantize_nf4, replace_module
 
 
 class LoRALinear(nn.Module):
@@ -283,3 +283,30 @@ def prepare_for_kbit_training(model, gradient_checkpointing=True, upcast=True):
                 module.gradient_checkpointing = True
                 enabled.append(name)
     return enabled
+
+
+# -----------------------------------------------------------------------------
+# An adapter run: a 4-bit (or full-precision) frozen base with LoRA adapters, as one set of settings
+
+ADAPTER_KEYS = ("quant", "double_quant", "quant_targets", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def prepare_adapters(model, config, training=False):
+    """
+    Turn a full-precision model into the one an adapter run trains: the quant_targets Linears held in NF4
+    (quant="nf4"), then LoRA adapters on the lora_targets Linears (lora_r > 0), everything else frozen.
+    config holds ADAPTER_KEYS. training=True also readies the model for k-bit training (fp32 norms and heads,
+    input grads); gradient checkpointing is the training loop's own switch.
+    """
+    if config["quant"] not in ("", "nf4"):
+        raise ValueError(f"quant must be '' or 'nf4', got {config['quant']!r}")
+    if config["quant"] and config["lora_r"] <= 0:
+        raise ValueError("a 4-bit base is frozen: give LoRA adapters to train (--lora_r=16)")
+    if config["quant"]:
+        quantize_model(model, include=config["quant_targets"], double_quant=config["double_quant"])
+    if training:
+        prepare_for_kbit_training(model, gradient_checkpointing=False, upcast=True)
+    if config["lora_r"] > 0:
+        apply_lora(model, config["lora_targets"], r=config["lora_r"], alpha=config["lora_alpha"],
+                   dropout=config["lora_dropout"])
+    return model

@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanovlm.checkpoint import (ADAPTER_KEYS, adapter_path, find_last_step, load_checkpoint,
-                                load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat, load_vlm,
-                                meta_path, prepare_adapters, read_meta, save_checkpoint)
-from nanovlm.lora import load_adapter
+from nanovlm.checkpoint import find_last_step, load_checkpoint, load_vlm, relative_base_dir, save_checkpoint
+from nanovlm.importers import load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat
+from nanovlm.lora import ADAPTER_KEYS, prepare_adapters
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import eval_batches, load_conversations, load_records, longest_record, vision_batches
 from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, answer_losses, evaluate_records,
@@ -164,16 +163,9 @@ def setup_model(cfg, checkpoint_dir, device, master):
     adapter_config = {k: cfg[k] for k in ADAPTER_KEYS}
     if cfg["resume"]:
         step = find_last_step(checkpoint_dir)
-        meta = read_meta(meta_path(checkpoint_dir, step))
         print0(f"resuming {checkpoint_dir} from step {step}")
-        adapter = meta.get("adapter")
-        if adapter is None:
-            model, tokenizer, _ = load_vlm(checkpoint_dir, step, device=device)
-            return model, tokenizer, meta["image_mode"], step, None
-        model, tokenizer, _ = load_vlm(adapter["base_dir"], adapter["base_step"], device=device)
-        prepare_adapters(model, adapter["config"], training=True, grad_checkpointing=cfg["grad_checkpointing"])
-        load_adapter(model, adapter_path(checkpoint_dir, step))
-        return model, tokenizer, meta["image_mode"], step, adapter
+        model, tokenizer, meta = load_vlm(checkpoint_dir, step, device=device, training=True)
+        return model, tokenizer, meta["image_mode"], step, meta.get("adapter")
 
     model, tokenizer, image_mode, base = build_model(cfg, device)
     if not (cfg["quant"] or cfg["lora_r"] > 0):
@@ -187,8 +179,9 @@ def setup_model(cfg, checkpoint_dir, device, master):
         if master:
             save_checkpoint(base[0], 0, model.state_dict(), dict(model_meta(model), image_mode=image_mode))
             tokenizer.save(os.path.join(base[0], "tokenizer"))
-    prepare_adapters(model, adapter_config, training=True, grad_checkpointing=cfg["grad_checkpointing"])
-    return model, tokenizer, image_mode, None, {"config": adapter_config, "base_dir": base[0], "base_step": base[1]}
+    prepare_adapters(model, adapter_config, training=True)
+    adapter = {"config": adapter_config, "base_dir": relative_base_dir(checkpoint_dir, base[0]), "base_step": base[1]}
+    return model, tokenizer, image_mode, None, adapter
 
 
 def train(cfg):

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from configurator import configure
-from nanovlm.checkpoint import ADAPTER_KEYS, configs_from_meta, find_last_step, meta_path, prepare_adapters, read_meta
+from nanovlm.checkpoint import configs_from_meta, find_last_step, meta_path, read_meta
+from nanovlm.lora import ADAPTER_KEYS, prepare_adapters
 from nanovlm.common import get_base_dir
 from nanovlm.deepencoder import DeepEncoder, LayerNorm2d
 from nanovlm.gpt import GPT

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import nanovlm.checkpoint as ckpt
-from nanovlm.checkpoint import find_last_step, load_checkpoint, load_nanochat, save_checkpoint
+from nanovlm.checkpoint import find_last_step, load_checkpoint, save_checkpoint
+from nanovlm.importers import load_nanochat
 from nanovlm.gpt import GPT, GPTConfig
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import shutil
@@ -98,7 +99,6 @@ def test_lr_schedule():
 
 def test_stage1_from_a_nanochat_checkpoint(workspace, tokenizer, tmp_path):
     """--init_from: a GPT in nanochat's layout + its pickled tokenizer become the VLM's language model."""
-    import json
     import pickle
 
     from nanovlm.gpt import GPT, GPTConfig
@@ -128,7 +128,7 @@ QLORA = {"quant": "nf4", "double_quant": True, "quant_targets": r"transformer\.h
 def test_qlora_steps_lower_the_loss_and_leave_the_base_untouched(tokenizer):
     from PIL import Image
 
-    from nanovlm.checkpoint import prepare_adapters
+    from nanovlm.lora import prepare_adapters
     from nanovlm.image_process import count_image_tokens, preprocess
     from nanovlm.nf4 import Linear4bit
     model = tiny_vlm(tokenizer)
@@ -136,7 +136,8 @@ def test_qlora_steps_lower_the_loss_and_leave_the_base_untouched(tokenizer):
         for name, p in model.gpt.named_parameters():
             if "c_proj" in name or "lm_head" in name:
                 p.normal_(0, 0.05)
-    prepare_adapters(model, QLORA, training=True, grad_checkpointing=True)
+    prepare_adapters(model, QLORA, training=True)
+    model.gpt.gradient_checkpointing = model.encoder.gradient_checkpointing = True
     quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert len(quantized) == 2 * 6  # 2 layers x (c_q, c_k, c_v, c_proj, c_fc, mlp c_proj)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
@@ -175,13 +176,20 @@ def test_qlora_run_saves_adapters_only_and_the_eval_loads_base_plus_adapter(work
     assert "adapter_000008.safetensors" in files and not any(f.startswith("model_") for f in files)
     out = run_script(base, "scripts.vision_sample", f"--data={data}", "--model_tag=qlora", "--max_new_tokens=4")
     assert "exact" in out
+    with open(base / "qlora" / "meta_000008.json") as f:
+        assert json.load(f)["adapter"]["base_dir"] == "qbase"  # relative: the checkpoints dir may move
+    moved = base.parent / "moved"
+    shutil.copytree(base, moved)
+    shutil.rmtree(base / "qbase")
+    out = run_script(moved, "scripts.vision_sample", f"--data={data}", "--model_tag=qlora", "--max_new_tokens=4")
+    assert "exact" in out
     # no saved base to point at: the run keeps its starting weights once, under base/
     run_script(base, "scripts.vis_tok_train", f"--data={data}", "--model_tag=lora_fresh", "--lora_r=2", *FAST)
     assert os.path.exists(base / "lora_fresh" / "base" / "model_000000.safetensors")
 
 
 def test_stage2_freeze_keeps_adapters_placed_on_sam(tokenizer):
-    from nanovlm.checkpoint import prepare_adapters
+    from nanovlm.lora import prepare_adapters
     from nanovlm.training import freeze
     model = tiny_vlm(tokenizer)
     config = dict(QLORA, quant="", lora_targets=r"transformer\.h\.\d+\.attn\.c_q|qkv")

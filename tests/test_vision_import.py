@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanovlm.checkpoint import deepseek_ocr_plan, file_shapes, hf_clip_plan, hf_sam_plan, load_deepseek_ocr_vision, \
+from nanovlm.importers import deepseek_ocr_plan, file_shapes, hf_clip_plan, hf_sam_plan, load_deepseek_ocr_vision, \
     load_hf_clip, load_hf_sam
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 
