@@ -35,7 +35,7 @@ def parse_value(text):
     # Python literal if it parses as one, otherwise the raw string: --run=my_run needs no quotes
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):  # the parser gives up on long free text
         return text
 
 

@@ -100,8 +100,11 @@ def record_problem(record):
     return None
 
 
-def load_conversations(path):
-    """Text-only conversations, one JSON per line: a list of messages or {"messages": [...]}."""
+def load_conversations(path, strict=False):
+    """
+    Text-only conversations, one JSON per line: a list of messages or {"messages": [...]}. A conversation with
+    no assistant turn has nothing to learn (its loss would be 0/0): it is reported by line and skipped.
+    """
     conversations = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -115,6 +118,9 @@ def load_conversations(path):
             if not (isinstance(messages, list) and messages and
                     all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
                 raise ValueError(f"{path}:{line_no}: a conversation is a list of {{role, content}} messages")
+            if not any(m["role"] == "assistant" and m["content"] for m in messages):
+                report(f"{path}:{line_no}: no assistant turn (nothing to learn from)", strict)
+                continue
             conversations.append(conversation)
     if not conversations:
         raise ValueError(f"{path}: no conversations")

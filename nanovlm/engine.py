@@ -46,6 +46,16 @@ def token_forward(model, ids, kv_cache):
     return gpt_of(model)(ids, kv_cache=kv_cache)
 
 
+def room_to_generate(gpt, prompt_length):
+    """How many tokens can follow a prompt before the rotary table (10x the training length) runs out. A prompt
+    that leaves no room is a ValueError naming both lengths."""
+    capacity = gpt.cos.size(1)
+    if prompt_length >= capacity:
+        raise ValueError(f"the prompt is {prompt_length} tokens; this model reads at most {capacity - 1} "
+                         f"(10x its training sequence length)")
+    return capacity - prompt_length
+
+
 class Engine:
     def __init__(self, model, tokenizer):
         self.model = model  # a VLM or a plain GPT
@@ -70,6 +80,7 @@ class Engine:
         device = gpt.get_device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
+        max_tokens = min(max_tokens, room_to_generate(gpt, len(tokens)))
 
         # prefill once, batch 1, with a cache long enough for the whole generation
         head_dim = config.n_embd // config.n_head

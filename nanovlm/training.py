@@ -195,6 +195,8 @@ def train(cfg):
     # ---- model, tokenizer, optimizer; or all of it from the last checkpoint
     model, tokenizer, image_mode, resume_step, adapter = setup_model(cfg, checkpoint_dir, device, master)
     freeze(model, cfg)
+    if world_size > 1:
+        torch.manual_seed(cfg["seed"] + rank)  # same weights everywhere (built above), but each rank its own dropout
     model.encoder.gradient_checkpointing = cfg["grad_checkpointing"]
     model.gpt.gradient_checkpointing = cfg["grad_checkpointing"]
     model.train()
@@ -212,7 +214,10 @@ def train(cfg):
     # ---- data
     records = load_records(cfg["data"], cfg["strict"])
     val_records = load_records(cfg["val_data"], cfg["strict"]) if cfg["val_data"] else records
-    texts = load_conversations(cfg["text_data"]) if cfg["text_data"] and cfg["text_ratio"] > 0 else None
+    if cfg["text_ratio"] > 0 and not cfg["text_data"]:
+        raise SystemExit(f"--text_ratio={cfg['text_ratio']} mixes text into the batches, but no --text_data was "
+                         f"given: pass a JSONL of conversations, or --text_ratio=0 to train on images alone")
+    texts = load_conversations(cfg["text_data"], cfg["strict"]) if cfg["text_ratio"] > 0 else None
     max_tokens = sequence_length(model, tokenizer, records, texts, image_mode, cfg["max_seq_len"]) + 1
     examples_per_micro = cfg["device_batch_size"] * world_size
     assert cfg["total_batch_size"] % examples_per_micro == 0, \
@@ -322,9 +327,18 @@ def train(cfg):
                 raise SystemExit(f"{bad_steps} non-finite losses in a row: stopping")
             step += 1
             continue
+        # the gradient norm (clipped to grad_clip, if set): a finite loss can still give inf/NaN gradients
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            print0(f"step {step:05d} | gradient norm {grad_norm.item()} is not finite: step skipped "
+                   f"({bad_steps} in a row)")
+            if bad_steps >= cfg["max_bad_steps"]:
+                raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping")
+            step += 1
+            continue
         bad_steps = 0
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
         optimizer.step()

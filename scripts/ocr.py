@@ -15,7 +15,7 @@ from PIL import ImageDraw
 from configurator import configure
 from nanovlm.checkpoint import load_vlm
 from nanovlm.common import autocast_context, compute_init, get_base_dir
-from nanovlm.engine import Engine
+from nanovlm.engine import Engine, room_to_generate
 from nanovlm.evaluate import prompt_ids
 from nanovlm.image_process import load_image, preprocess, resolve_mode
 from nanovlm.metrics import parse_boxes
@@ -69,6 +69,14 @@ except (FileNotFoundError, ValueError) as e:
 global_view, tiles, tiling = preprocess(picture, image_mode)
 views = (global_view.to(device), tiles.to(device) if tiles is not None else None, tiling)
 ids = prompt_ids(tokenizer, prompt, picture, image_mode)
+try:
+    room = room_to_generate(model.gpt, len(ids))
+except ValueError as e:
+    fail(f"{image}: {e}")
+if max_new_tokens > room:
+    print(f"note: --max_new_tokens={max_new_tokens} capped at {room}: the prompt is {len(ids)} tokens and the model "
+          f"reads at most {len(ids) + room - 1}")
+    max_new_tokens = room
 engine = Engine(model, tokenizer)
 generated = []
 printed = ""

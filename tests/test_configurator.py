@@ -19,6 +19,8 @@ def test_int_widens_to_float_and_values_may_hold_equals():
     s = scope()
     configure(s, ["--lr=1", "--run=a=b"])
     assert s["lr"] == 1.0 and type(s["lr"]) is float and s["run"] == "a=b"
+    configure(s, ["--run=" + "word " * 3000])  # long free text: Python's parser gives up, the string stays
+    assert s["run"] == "word " * 3000
 
 
 def test_unknown_key_names_it_and_lists_valid_ones():

@@ -158,3 +158,16 @@ def test_no_room_for_the_answer_is_a_bad_record(tokenizer, tmp_path, capsys):
 def test_fewer_records_than_ranks_is_an_error():
     with pytest.raises(ValueError, match="cannot be shared by 4 ranks"):
         next(plan(3, 0, 0.0, 0, 0, 4, initial_state()))
+
+
+def test_a_conversation_without_an_assistant_turn_is_named_and_skipped(tmp_path, capsys):
+    from nanovlm.dataloader import load_conversations
+    path = tmp_path / "chats.jsonl"
+    lines = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+             [{"role": "user", "content": "only a question"}],
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert len(load_conversations(str(path))) == 2
+    assert f"{path}:2: no assistant turn" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=":2: no assistant turn"):
+        load_conversations(str(path), strict=True)

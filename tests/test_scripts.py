@@ -56,6 +56,9 @@ def test_ocr_streams_an_answer_and_draws_boxes(checkpoint, tmp_path):
               f"--boxes_out={boxes}")
     assert out.returncode == 0, out.stderr
     assert boxes.exists()
+    out = run(base, "scripts.ocr", f"--image={image}", "--model_tag=rand", "--max_new_tokens=100000")
+    assert out.returncode == 0, out.stderr
+    assert "--max_new_tokens=100000 capped at" in out.stdout  # said, not silently cut
 
 
 @pytest.mark.parametrize("args, message", [
@@ -63,6 +66,7 @@ def test_ocr_streams_an_answer_and_draws_boxes(checkpoint, tmp_path):
     (["--image_mode=huge"], "unknown image mode"),
     (["--model_tag=empty"], "no checkpoint in"),
     ([], "give an image"),
+    (["--prompt=" + "word " * 3000], "this model reads at most"),  # longer than the rotary table
 ])
 def test_ocr_bad_input_is_one_clear_error(checkpoint, args, message):
     base, data = checkpoint

@@ -69,6 +69,8 @@ def test_torchrun_two_ranks_on_cpu_and_resume(workspace):
     args = ["scripts.vis_tok_train", f"--data={data}", "--model_tag=ddp", "--save_every=4", *FAST]
     full = losses(run_script(base, *args, torchrun=True))
     assert len(full) == 8
+    rng = [torch.load(base / "ddp" / f"optim_000004_rank{r}.pt", weights_only=True)["rng"] for r in (0, 1)]
+    assert not torch.equal(rng[0], rng[1])  # the ranks draw different dropout masks
     assert os.path.exists(base / "ddp" / "optim_000008_rank1.pt")
     for name in os.listdir(base / "ddp"):
         if "000008" in name:
@@ -200,20 +202,51 @@ def test_stage2_freeze_keeps_adapters_placed_on_sam(tokenizer):
 
 
 def test_non_finite_losses_skip_the_step_then_stop_the_run(workspace, monkeypatch, capsys):
-    import runpy
-    import sys
-
     from nanovlm.vlm import VLM
     base, data = workspace
     forward = VLM.forward
     monkeypatch.setattr(VLM, "forward", lambda self, *a, **kw: forward(self, *a, **kw) * float("nan")
                         if self.training else forward(self, *a, **kw))
-    monkeypatch.setenv("NANOVLM_BASE_DIR", str(base))
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["vis_tok_train", f"--data={data}", "--model_tag=nan", "--max_bad_steps=3",
-                                      *FAST])
     with pytest.raises(SystemExit, match="3 non-finite losses in a row: stopping"):
-        runpy.run_module("scripts.vis_tok_train", run_name="__main__")
+        run_in_process(monkeypatch, base, f"--data={data}", "--model_tag=nan", "--max_bad_steps=3", *FAST)
     out = capsys.readouterr().out
     assert out.count("is not finite: step skipped") == 3
     assert not os.path.exists(base / "nan" / "meta_000008.json")
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward: a finite loss whose step would poison the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def run_in_process(monkeypatch, base, *argv):
+    import runpy
+    monkeypatch.setenv("NANOVLM_BASE_DIR", str(base))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["vis_tok_train", *argv])
+    runpy.run_module("scripts.vis_tok_train", run_name="__main__")
+
+
+def test_non_finite_gradients_skip_the_step(workspace, monkeypatch, capsys):
+    from nanovlm.vlm import VLM
+    base, data = workspace
+    forward = VLM.forward
+    monkeypatch.setattr(VLM, "forward", lambda self, *a, **kw: NanGradient.apply(forward(self, *a, **kw))
+                        if self.training else forward(self, *a, **kw))
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row: stopping"):
+        run_in_process(monkeypatch, base, f"--data={data}", "--model_tag=nangrad", "--max_bad_steps=2", *FAST)
+    assert capsys.readouterr().out.count("is not finite: step skipped") == 2
+
+
+def test_text_ratio_without_text_data_stops_before_any_step(workspace, monkeypatch, capsys):
+    base, data = workspace
+    with pytest.raises(SystemExit, match="no --text_data was given"):
+        run_in_process(monkeypatch, base, f"--data={data}", "--model_tag=notext", "--text_ratio=0.2", *FAST)
+    assert "step 0" not in capsys.readouterr().out
