@@ -80,6 +80,30 @@ def answer_losses(model, inputs, targets, images):
     return model(inputs, images=images, targets=targets, loss_reduction="none").view(B, T).float()
 
 
+@torch.no_grad()
+def validation_sums(model, batches, device):
+    """
+    Over eval batches: (sums, spread). sums = [answer loss x tokens, answer tokens, image gap x tokens, tokens with
+    a swapped image] (float64, ready to all-reduce across ranks); spread = feature_spread of the first batch.
+    One forward gives the loss and the gap's reference; the swapped images take one more.
+    """
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    spread = None
+    for inputs, targets, images in batches:
+        if spread is None:
+            spread = feature_spread(model.encoder, images)
+        own = answer_losses(model, inputs, targets, images)
+        answer = targets != -1
+        sums[0] += own[answer].sum()
+        sums[1] += answer.sum()
+        other, got_other = swapped_images(inputs, images, model.image_token_id)
+        swapped_rows = answer & got_other.to(answer.device)[:, None]
+        if swapped_rows.any():
+            sums[2] += (answer_losses(model, inputs, targets, other) - own)[swapped_rows].sum()
+            sums[3] += swapped_rows.sum()
+    return sums, spread
+
+
 def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, autocast=None, gap_batch=16):
     """
     One dict per record: id, prediction, reference, loss, swapped_loss (its answer's loss under another record's

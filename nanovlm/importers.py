@@ -21,6 +21,7 @@ from nanovlm.checkpoint import check_state_dict, expected_shapes, find_last_step
 from nanovlm.common import print0
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 from nanovlm.gpt import GPT, GPTConfig
+from nanovlm.vlm import component_of
 
 
 # ---- nanochat GPT checkpoints
@@ -224,7 +225,7 @@ def hf_sam_name(name):
 
 
 def hf_sam_plan(encoder, prefix="vision_encoder."):
-    names = [n for n in expected_shapes(encoder) if n.startswith("sam.") and not n.startswith(("sam.net_2.", "sam.net_3."))]
+    names = [n for n in expected_shapes(encoder) if n.startswith("sam.") and component_of("encoder." + n) == "sam"]
     return {name: [prefix + hf_sam_name(name[len("sam."):])] for name in names}
 
 

@@ -426,6 +426,13 @@ class Linear4bit(nn.Module):
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
 
 
+def param_elements(module, param_name, p):
+    """How many weights a parameter stands for: a 4-bit Linear's packed uint8 weight holds two per byte."""
+    if isinstance(module, Linear4bit) and param_name == "weight":
+        return module.in_features * module.out_features
+    return p.numel()
+
+
 # -----------------------------------------------------------------------------
 # Swapping Linears in a model
 

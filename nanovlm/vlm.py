@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
 from nanovlm.gpt import GPT, GPTConfig
 from nanovlm.image_process import global_shape, resolve_mode
-from nanovlm.nf4 import Linear4bit
+from nanovlm.nf4 import param_elements
 
 # Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 16 tokens
 # in reading order, a CTC read-out on SAM's neck); "d20" is nanochat's d20 GPT with the real DeepEncoder.
@@ -30,6 +30,39 @@ PRESETS = {
     "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(),
                 image_mode="base", proj_norm=False, ctc=False),
 }
+
+
+# Which component a parameter belongs to, by its full name in the VLM. The one home of this question: the
+# optimizer's groups, stage 2's freezing, scripts/trainables and the FLOP count all read it. Every parameter
+# matches exactly one pattern (component_of fails otherwise): a new module must be given a home.
+NOT_LORA = r"(?!.*\.lora_[AB]\.)"
+COMPONENTS = [
+    ("sam", NOT_LORA + r"encoder\.sam\.(?!net_2\.|net_3\.).*"),
+    ("compressor", NOT_LORA + r"encoder\.sam\.net_[23]\..*"),
+    ("clip", NOT_LORA + r"encoder\.clip\..*"),
+    ("projector", NOT_LORA + r"encoder\.(projector\..*|token_ctc_head\..*|image_newline|view_seperator)"),
+    ("gpt_matrices", NOT_LORA + r"gpt\.transformer\.h\.\d+\..*"),
+    ("embeddings", r"gpt\.transformer\.wte\.weight"),
+    ("lm_head", r"gpt\.lm_head\.weight"),
+    ("lora", r".*\.lora_[AB]\.weight"),
+]
+
+
+def component_of(name):
+    """The component of a parameter (full name in the VLM); a ValueError when it matches none or several."""
+    hits = [component for component, pattern in COMPONENTS if re.fullmatch(pattern, name)]
+    if len(hits) != 1:
+        raise ValueError(f"{name} ({'no component' if not hits else 'components ' + ', '.join(hits)})")
+    return hits[0]
+
+
+def freeze(model, freeze_sam=False, freeze_compressor=False):
+    """Stage 2 freezes SAM and/or the compressor (adapters put on them on purpose keep training). Frozen
+    parameters never reach the optimizer."""
+    frozen = {name for name, wanted in (("sam", freeze_sam), ("compressor", freeze_compressor)) if wanted}
+    for name, p in model.named_parameters():
+        if component_of(name) in frozen:
+            p.requires_grad_(False)
 
 
 def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
@@ -178,37 +211,39 @@ class VLM(nn.Module):
 # position tables, SAM's rel-pos tables, CLIP's class token) and CLIP's patch conv, which never runs here
 NOT_MATMUL = r"gpt\.transformer\.wte\.weight|encoder\.sam\.pos_embed|.*\.rel_pos_[hw]|" \
              r"encoder\.clip\.embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"
-# The stage a parameter belongs to, by name (first match), in forward order
-FLOP_STAGES = [
-    ("sam_ctc", r"encoder\.sam\.ctc_head\..*"),
-    ("net_2", r"encoder\.sam\.net_2\..*"),
-    ("net_3", r"encoder\.sam\.net_3\..*"),
-    ("sam", r"encoder\.sam\..*"),
-    ("clip", r"encoder\.clip\..*"),
-    ("token_ctc", r"encoder\.token_ctc_head\..*"),
-    ("projector", r"encoder\..*"),
-    ("lm_head", r"gpt\.lm_head\..*"),
-]
-FORWARD_ORDER = ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
+ENCODER_ORDER = ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
+
+
+def flop_stage(name):
+    """The stage of a weight for the FLOP count: its component, split where positions differ (the two compressor
+    convs, the read-out heads, each GPT block). A LoRA weight counts with the layer it adapts."""
+    base_name = re.sub(r"\.lora_[AB]\.weight$", ".weight", name)
+    component = component_of(base_name if base_name != name else name)
+    if component == "compressor":
+        return "net_2" if ".net_2." in name else "net_3"
+    if component == "sam" and ".ctc_head." in name:
+        return "sam_ctc"
+    if component == "projector" and ".token_ctc_head." in name:
+        return "token_ctc"
+    if component == "gpt_matrices":
+        block = int(re.match(r"gpt\.transformer\.h\.(\d+)\.", name).group(1))
+        return f"gpt_h{block:04d}"
+    return component
 
 
 def weight_elements_by_stage(model):
-    """{stage: (trainable elements, frozen elements)} in forward order. A 4-bit Linear's packed weight counts as
-    its out x in elements."""
+    """{stage: (trainable elements, frozen elements)} in forward order (see flop_stage); 4-bit weights by
+    their elements."""
     counts = {}
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             name = f"{module_name}.{pname}"
             if re.fullmatch(NOT_MATMUL, name):
                 continue
-            block = re.match(r"gpt\.transformer\.h\.(\d+)\.", name)
-            stage = f"gpt_h{int(block.group(1)):04d}" if block else \
-                next(s for s, pattern in FLOP_STAGES if re.fullmatch(pattern, name))
-            elements = module.in_features * module.out_features if isinstance(module, Linear4bit) and \
-                pname == "weight" else p.numel()
+            stage, elements = flop_stage(name), param_elements(module, pname, p)
             trainable, frozen = counts.get(stage, (0, 0))
             counts[stage] = (trainable + elements, frozen) if p.requires_grad else (trainable, frozen + elements)
-    order = FORWARD_ORDER + sorted(s for s in counts if s.startswith("gpt_h")) + ["lm_head"]
+    order = ENCODER_ORDER + sorted(s for s in counts if s.startswith("gpt_h")) + ["lm_head"]
     return {stage: counts[stage] for stage in order if stage in counts}
 
 

@@ -16,14 +16,12 @@ import torch.nn as nn
 
 from configurator import configure
 from nanovlm.checkpoint import configs_from_meta, find_last_step, meta_path, read_meta
-from nanovlm.lora import ADAPTER_KEYS, prepare_adapters
 from nanovlm.common import get_base_dir
 from nanovlm.deepencoder import DeepEncoder, LayerNorm2d
 from nanovlm.gpt import GPT
-from nanovlm.lora import find_targets
-from nanovlm.nf4 import Linear4bit
-from nanovlm.training import freeze
-from nanovlm.vlm import VLM, preset_configs
+from nanovlm.lora import ADAPTER_KEYS, find_targets, prepare_adapters
+from nanovlm.nf4 import Linear4bit, param_elements
+from nanovlm.vlm import VLM, component_of, freeze, preset_configs
 
 model = "tiny"  # a preset, when no checkpoint is named
 vocab_size = 65536  # the preset's vocabulary
@@ -43,35 +41,27 @@ user_config = configure(globals())
 
 AREAS = ["SAM", "compressor", "CLIP", "projector", "GPT attention", "GPT MLP", "embeddings", "lm_head", "norms",
          "LoRA"]
+COMPONENT_AREAS = {"sam": "SAM", "compressor": "compressor", "clip": "CLIP", "projector": "projector",
+                   "embeddings": "embeddings", "lm_head": "lm_head", "lora": "LoRA"}
 
 
 def area_of(name, module):
-    """The area a parameter belongs to, from its module's full name and type."""
-    if ".lora_A" in name or ".lora_B" in name:
-        return "LoRA"
-    if isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+    """The area a parameter belongs to: its component (vlm.component_of), with norms and the GPT's attention and
+    MLP told apart."""
+    component = component_of(name)
+    if component != "lora" and isinstance(module, (nn.LayerNorm, LayerNorm2d)):
         return "norms"
-    for prefix, area in (("encoder.sam.net_2", "compressor"), ("encoder.sam.net_3", "compressor"),
-                         ("encoder.sam", "SAM"), ("encoder.clip", "CLIP"), ("encoder", "projector"),
-                         ("gpt.lm_head", "lm_head"), ("gpt.transformer.wte", "embeddings")):
-        if name.startswith(prefix):
-            return area
-    return "GPT attention" if ".attn." in name + "." else "GPT MLP"
-
-
-def count(module, param_name, p):
-    """Parameters a tensor stands for: a 4-bit weight packs two per byte."""
-    if isinstance(module, Linear4bit) and param_name == "weight":
-        return module.in_features * module.out_features
-    return p.numel()
+    if component == "gpt_matrices":
+        return "GPT attention" if ".attn." in name else "GPT MLP"
+    return COMPONENT_AREAS[component]
 
 
 def census(vlm):
     rows = {area: [0, 0, 0] for area in AREAS}  # total, trainable, held in 4 bits
     for name, module in vlm.named_modules():
         for param_name, p in module.named_parameters(recurse=False):
-            n = count(module, param_name, p)
-            row = rows[area_of(name, module)]
+            n = param_elements(module, param_name, p)
+            row = rows[area_of(f"{name}.{param_name}", module)]
             row[0] += n
             row[1] += n if p.requires_grad else 0
             row[2] += n if isinstance(module, Linear4bit) and param_name == "weight" else 0
@@ -115,7 +105,7 @@ try:
     prepare_adapters(vlm, {k: user_config[k] for k in ADAPTER_KEYS})
 except ValueError as e:
     raise SystemExit(f"error: {e}")
-freeze(vlm, user_config)  # exactly what training freezes, after the adapters as in training
+freeze(vlm, freeze_sam, freeze_compressor)  # exactly what training freezes, after the adapters as in training
 
 rows = census(vlm)
 print(f"{'area':<14} {'total':>14} {'trainable':>14} {'4-bit':>14}")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_vlm, write_dataset
-from nanovlm.training import PARAM_GROUPS, group_parameters, lr_multiplier
+from nanovlm.training import group_parameters, lr_multiplier
+from nanovlm.vlm import COMPONENTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWERS = ["alpha 12.50", "beta chart 3 4 5", "gamma sign OPEN", "delta line of text"]
@@ -81,7 +82,7 @@ def test_torchrun_two_ranks_on_cpu_and_resume(workspace):
 
 def test_every_trainable_parameter_has_exactly_one_group(tokenizer):
     model = tiny_vlm(tokenizer)
-    names = [g for g, _ in PARAM_GROUPS]
+    names = [g for g, _ in COMPONENTS]
     groups = group_parameters(model, {n: 1e-3 for n in names}, {n: 0.0 for n in names})
     assert [g["name"] for g in groups] == ["sam", "compressor", "clip", "projector", "gpt_matrices", "embeddings",
                                            "lm_head"]
@@ -89,7 +90,7 @@ def test_every_trainable_parameter_has_exactly_one_group(tokenizer):
     assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
     assert not model.encoder.clip.embeddings.patch_embedding.weight.requires_grad  # never handed to AdamW
     model.encoder.stray = torch.nn.Parameter(torch.zeros(3))  # a new module nobody gave a group
-    with pytest.raises(SystemExit, match="encoder.stray \\(no group\\)"):
+    with pytest.raises(SystemExit, match="encoder.stray \\(no component\\)"):
         group_parameters(model, {n: 1e-3 for n in names}, {n: 0.0 for n in names})
 
 
@@ -143,7 +144,7 @@ def test_qlora_steps_lower_the_loss_and_leave_the_base_untouched(tokenizer):
     quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert len(quantized) == 2 * 6  # 2 layers x (c_q, c_k, c_v, c_proj, c_fc, mlp c_proj)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    names = [g for g, _ in PARAM_GROUPS]
+    names = [g for g, _ in COMPONENTS]
     groups = group_parameters(model, {n: 1e-2 for n in names}, {n: 0.0 for n in names})
     assert [g["name"] for g in groups] == ["lora"]
     optimizer = torch.optim.AdamW(groups)
@@ -192,11 +193,11 @@ def test_qlora_run_saves_adapters_only_and_the_eval_loads_base_plus_adapter(work
 
 def test_stage2_freeze_keeps_adapters_placed_on_sam(tokenizer):
     from nanovlm.lora import prepare_adapters
-    from nanovlm.training import freeze
+    from nanovlm.vlm import freeze
     model = tiny_vlm(tokenizer)
     config = dict(QLORA, quant="", lora_targets=r"transformer\.h\.\d+\.attn\.c_q|qkv")
     prepare_adapters(model, config, training=True)
-    freeze(model, {"freeze_sam": True, "freeze_compressor": True})
+    freeze(model, freeze_sam=True, freeze_compressor=True)
     sam_lora = [p for n, p in model.encoder.sam.named_parameters() if ".lora_" in n]
     assert sam_lora and all(p.requires_grad for p in sam_lora)
 
