@@ -599,3 +599,24 @@ def make_sample(kind, seed, split, index, short=False, attempt=0):
     return record, image
 
 
+
+
+# -----------------------------------------------------------------------------
+# Text-only conversations, for stage 2's mixing: small tasks on the same vocabulary, no image
+
+def make_chat(seed, index):
+    """One text-only conversation [{role, content}, ...] as a pure function of (seed, index): spell a word
+    backwards, add two numbers, count a sentence's words, write a word in capitals, or total a small receipt."""
+    rng = sample_rng(seed, "chat", index)
+    word = rng.choice(COMMON_WORDS)
+    text = sentence(rng, 4, 9)
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    prices = [rng.randint(50, 2000) for _ in range(rng.randint(2, 4))]
+    question, answer = rng.choice([
+        (f"Spell '{word}' backwards.", word[::-1]),
+        (f"What is {a} + {b}?", f"{a} + {b} = {a + b}."),
+        (f"How many words are in this sentence: {text}", f"{len(text.split())} words."),
+        (f"Write '{word}' in capital letters.", word.upper()),
+        (f"Add up these prices: {', '.join(money(p) for p in prices)}.", f"The total is {money(sum(prices))}."),
+    ])
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -5,6 +5,7 @@ Pillow from a seed. Nothing is downloaded; the text comes from the small word po
     python -m scripts.make_data --n=20000 --split=train        # -> data/synth_train/dataset.json + images/
     python -m scripts.make_data --n=1000 --split=val --kinds=line,paragraph --workers=2
     python -m scripts.make_data --tier1=True                   # the committed set: data/tier1/ (10 records)
+    python -m scripts.make_data --chats=500                    # text-only conversations: data/chats.jsonl
 
 A dataset is a JSON list of records {id, image, prompt, answer, source, type}, `image` a PNG path relative to the
 JSON file. Every sample is a pure function of (seed, split, index): the same command gives the same bytes, and two
@@ -22,8 +23,8 @@ import time
 from PIL import Image, ImageChops
 
 from nanovlm.synth import (FONT_FACES, MAX_ANSWER_CHARS, PROMPT_DESCRIBE, PROMPT_FIGURE,  # noqa: F401
-                           PROMPT_OCR, RENDERERS, draw_receipt, make_sample, render_chart, render_scene, sample_rng,
-                           shop_template, system_font_files, templated_receipt_lines)
+                           PROMPT_OCR, RENDERERS, draw_receipt, make_chat, make_sample, render_chart, render_scene,
+                           sample_rng, shop_template, system_font_files, templated_receipt_lines)
 
 out_dir = ""  # default: data/synth_<split>, or data/tier1 with --tier1=True
 n = 1000  # number of samples
@@ -31,6 +32,7 @@ split = "train"  # part of every sample's seed: train and val never share a samp
 seed = 0
 kinds = "receipt,chart,scene,line,paragraph,grounding"  # comma-separated, taken in turn
 tier1 = False  # write the fixed 10-record sanity set (4 receipts of one shop, 3 charts, 3 scenes); --seed picks another
+chats = 0  # > 0: write this many text-only conversations (JSONL, for stage 2's --text_data) instead of images
 workers = 1  # processes
 system_fonts = False  # also use system DejaVu fonts (images then depend on the machine's fonts)
 
@@ -137,10 +139,21 @@ def generate_tier1(out_dir, seed):
     return save_dataset(records, out_dir)
 
 
+def generate_chats(path, n, seed):
+    """n text-only conversations, one JSON list of messages per line."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for index in range(n):
+            f.write(json.dumps(make_chat(seed, index)) + "\n")
+    return path
+
+
 def main():
     if system_fonts:
         FONT_FACES.extend(system_font_files())
-    if tier1:
+    if chats > 0:
+        path = generate_chats(out_dir or os.path.join(REPO_ROOT, "data", "chats.jsonl"), chats, seed)
+    elif tier1:
         path = generate_tier1(out_dir or os.path.join(REPO_ROOT, "data", "tier1"), seed)
     else:
         kind_list = [k.strip() for k in kinds.split(",") if k.strip()]

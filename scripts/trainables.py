@@ -1,4 +1,4 @@
-"""
+r"""
 Which parameters train? For a checkpoint or a preset and any freeze / 4-bit / LoRA setting, the trainable and
 total parameters of every area of the model, and the modules a LoRA or quantization pattern matches: the check
 that the vision tower is (or is not) being trained before a long run starts.

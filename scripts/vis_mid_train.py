@@ -4,22 +4,21 @@ weights, with text-only conversations mixed in so the GPT keeps its language (De
 
     python -m scripts.vis_mid_train --text_data=chats.jsonl                    # continues checkpoints/vis_tok
     python -m scripts.vis_mid_train --start_from=ocr1 --data=data/synth_train/dataset.json --model_tag=ocr1_mid
-    torchrun --standalone --nproc_per_node=8 -m scripts.vis_mid_train -- --model=d20 --run=ocr_mid
+    torchrun --standalone --nproc_per_node=8 -m scripts.vis_mid_train config/d20.py --start_from=d20_ocr
 
-It is scripts/vis_tok_train.py (same loop, same variables and flags) with the stage-2 defaults below; any
---key=value given here overrides them.
+Every variable of stage 1 (scripts/vis_tok_train.py) is a variable here too, with the same meaning; stage 2
+changes the ones below. Override any of them with --key=value.
 """
 
-import runpy
-import sys
+from scripts.vis_tok_train import *  # noqa: F401,F403  (stage 1's variables, configure and train)
 
-STAGE2_DEFAULTS = [
-    "--model_tag=vis_mid",
-    "--start_from=vis_tok",  # the stage-1 run: its weights, tokenizer and image mode
-    "--freeze_sam=True",
-    "--freeze_compressor=True",
-    "--text_ratio=0.2",  # used when --text_data is given
-]
+model_tag = "vis_mid"
+start_from = "vis_tok"  # the stage-1 run: its weights, tokenizer and image mode
+freeze_sam = True
+freeze_compressor = True
+text_data = ""  # JSONL of text-only conversations (required while text_ratio > 0)
+text_ratio = 0.2  # fraction of the samples that are text-only
 
-sys.argv[1:1] = STAGE2_DEFAULTS  # the user's own arguments come after, so they win
-runpy.run_module("scripts.vis_tok_train", run_name="__main__")
+if __name__ == "__main__":
+    user_config = configure(globals())  # noqa: F405
+    train(user_config)  # noqa: F405

@@ -3,10 +3,11 @@ Stage 1: teach a GPT to read. Everything trains: SAM, the compressor, CLIP, the 
 
     python -m scripts.vis_tok_train                                     # tiny model, tier-1 data, CPU
     python -m scripts.vis_tok_train --data=data/synth_train/dataset.json --val_data=data/synth_val/dataset.json
-    torchrun --standalone --nproc_per_node=8 -m scripts.vis_tok_train -- --model=d20 --init_from=PATH --run=ocr
+    torchrun --standalone --nproc_per_node=2 -m scripts.vis_tok_train          # the same run on 2 processes
+    torchrun --standalone --nproc_per_node=8 -m scripts.vis_tok_train config/d20.py --vision_from=DIR --run=ocr
 
-Hyperparameters are the variables below; override any of them with --key=value (see configurator.py).
-total_batch_size counts examples (records) per optimizer step.
+Hyperparameters are the variables below; override any of them with --key=value or a config file (see
+configurator.py). total_batch_size counts examples (records) per optimizer step.
 """
 
 from configurator import configure
@@ -50,8 +51,8 @@ strict = False  # stop at the first bad record instead of skipping it
 loader_workers = 4  # threads that load (or draw) and preprocess images ahead of the step
 # optimization
 num_iterations = 400
-device_batch_size = 10
 total_batch_size = 10
+device_batch_size = 0  # examples per rank per micro-batch; 0 = total_batch_size / ranks (no accumulation)
 sam_lr, sam_wd = 1e-3, 0.0
 compressor_lr, compressor_wd = 1e-3, 0.0
 clip_lr, clip_wd = 1e-3, 0.0
@@ -72,6 +73,7 @@ eval_records = 64  # records for the validation loss
 eval_samples = 4  # records answered greedily and scored at each eval
 max_new_tokens = -1  # -1 = up to the sequence length
 save_every = -1  # -1 = only at the end
-user_config = configure(globals())
 
-train(user_config)
+if __name__ == "__main__":  # vis_mid_train imports these variables as its own defaults
+    user_config = configure(globals())
+    train(user_config)

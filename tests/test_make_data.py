@@ -213,3 +213,15 @@ def test_tier1_set_is_what_the_generator_makes():
         # or FreeType may round differently; receipt and chart text never does
         if old["type"] != "scene":
             assert old["answer"] == new["answer"], old["id"]
+
+
+def test_chats_are_deterministic_text_conversations(tmp_path):
+    from nanovlm.dataloader import load_conversations
+    from nanovlm.synth import make_chat
+    assert make_chat(0, 5) == make_chat(0, 5) and make_chat(0, 5) != make_chat(1, 5)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(make_chat(0, i)) + "\n" for i in range(50)))
+    conversations = load_conversations(str(path))
+    assert len(conversations) == 50 and all(c[1]["role"] == "assistant" and c[1]["content"] for c in conversations)
+    committed = load_conversations(os.path.join(REPO_ROOT, "data", "chats.jsonl"))
+    assert committed[:3] == [make_chat(0, i) for i in range(3)]  # data/chats.jsonl is make_data --chats=500

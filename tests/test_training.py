@@ -80,6 +80,13 @@ def test_torchrun_two_ranks_on_cpu_and_resume(workspace):
     assert resumed == {s: full[s] for s in (4, 5, 6, 7)}  # each rank continued from its own data position
 
 
+def test_torchrun_with_the_default_batch_flags_splits_the_batch(workspace):
+    base, data = workspace
+    out = run_script(base, "scripts.vis_tok_train", f"--data={data}", "--model_tag=ddp_defaults",
+                     "--num_iterations=2", "--eval_every=-1", torchrun=True)
+    assert "10 examples per step = 5 x 2 ranks x 1 accumulation" in out
+
+
 def test_every_trainable_parameter_has_exactly_one_group(tokenizer):
     model = tiny_vlm(tokenizer)
     names = [g for g, _ in COMPONENTS]
