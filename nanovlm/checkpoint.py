@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from nanovlm.common import atomic_write
 from nanovlm.deepencoder import DeepEncoderConfig
 from nanovlm.gpt import GPTConfig
+from nanovlm.image_process import resolve_mode
 from nanovlm.lora import load_adapter, prepare_adapters, save_adapter
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import build_vlm
@@ -150,6 +151,12 @@ def configs_from_meta(meta, source):
     encoder_config = dict(meta["encoder_config"])
     encoder_config["sam_global_blocks"] = tuple(encoder_config["sam_global_blocks"])  # JSON made it a list
     return GPTConfig(**meta["model_config"]), DeepEncoderConfig(**encoder_config), meta["image_token_id"]
+
+
+def image_mode_of(meta, flag=""):
+    """The image mode to read with: the flag when one is given, else the one the checkpoint trained in; resolved
+    (a bad name is a ValueError)."""
+    return resolve_mode(flag or meta["image_mode"])
 
 
 def load_vlm(checkpoint_dir, step=None, device="cpu", training=False):

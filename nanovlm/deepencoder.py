@@ -67,9 +67,17 @@ class DeepEncoderConfig:
     # them), each token read as this many CTC steps: the whole path into the GPT learns to carry the characters.
     token_ctc_split: int = 0
 
+    def patches_per_side(self, pixels):
+        return pixels // self.sam_patch_size
+
+    def tokens_per_side(self, pixels, convs=2):
+        """Positions along a side of `pixels` px after SAM's patches and `convs` of the compressor's stride-2
+        convs (2: the visual tokens, 4x fewer per side; 1: net_2's output). The one home of this rule."""
+        return math.ceil(self.patches_per_side(pixels) / 2 ** convs)
+
     def token_grid(self, height, width):
-        """(rows, cols) of the projected grid for an H x W view: 16 px patches, then two stride-2 convs."""
-        return (math.ceil(height // self.sam_patch_size / 4), math.ceil(width // self.sam_patch_size / 4))
+        """(rows, cols) of the projected grid for an H x W view."""
+        return (self.tokens_per_side(height), self.tokens_per_side(width))
 
     @classmethod
     def tiny(cls, **overrides):

@@ -17,7 +17,6 @@ W x H rectangle (a text line keeps its shape: rect:2048:64 gives one row of 32 t
 Pixels are normalised with mean 0.5, std 0.5 to [-1, 1]; the letterbox grey (127, 127, 127) becomes -1/255.
 """
 
-import math
 import warnings
 from collections import namedtuple
 
@@ -25,18 +24,31 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-# global_size: width of the global view; squash: resize to it (True) or letterbox (False); tile_size: side of a
-# tile, None for modes without tiles; global_height: height of a rectangular global view, None for a square one
-ImageMode = namedtuple("ImageMode", "global_size squash tile_size global_height", defaults=(None,))
+from nanovlm.deepencoder import DeepEncoderConfig
+
+class ImageMode(namedtuple("ImageMode", "name global_size squash tile_size global_height", defaults=(None,))):
+    """
+    A resolved image mode: name, the string it came from ("base", "rect:1024:64", ...: what metas store and flags
+    take); global_size, the width of the global view; squash, resize to it (True) or letterbox (False);
+    tile_size, the side of a tile, None for modes without tiles; global_height, the height of a rectangular
+    global view, None for a square one. A mode is resolved once, where the flag or meta is read (resolve_mode),
+    and travels as this object.
+    """
+    __slots__ = ()
+
+    def __str__(self):
+        return self.name
+
 
 MODES = {
-    "tiny": ImageMode(512, True, None),
-    "small": ImageMode(640, True, None),
-    "base": ImageMode(1024, False, None),
-    "large": ImageMode(1280, False, None),
-    "gundam": ImageMode(1024, False, 640),
+    "tiny": ImageMode("tiny", 512, True, None),
+    "small": ImageMode("small", 640, True, None),
+    "base": ImageMode("base", 1024, False, None),
+    "large": ImageMode("large", 1280, False, None),
+    "gundam": ImageMode("gundam", 1024, False, 640),
 }
 
+ENCODER = DeepEncoderConfig()  # the encoder geometry (16 px patches, 4x compressor): every size shares it
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255): the normalisation mean, rounded down
 MAX_TILES = 6  # vLLM's MAX_CROPS; the Hugging Face inference path allows 9
 MAX_IMAGE_PIXELS = 8192 * 8192  # our own decompression-bomb guard (a 600 dpi A4 scan is ~35M pixels)
@@ -70,15 +82,10 @@ def resolve_mode(mode):
         raise ValueError(f"unknown image mode {mode!r}: use one of {', '.join(MODES)}, or 'resize:S', 'pad:S', "
                          f"'gundam:T:G' or 'rect:W:H' with sizes that are positive multiples of 64")
     if kind == "gundam":
-        return ImageMode(sizes[1], False, sizes[0])
+        return ImageMode(mode, sizes[1], False, sizes[0])
     if kind == "rect":
-        return ImageMode(sizes[0], True, None, sizes[1])
-    return ImageMode(sizes[0], kind == "resize", None)
-
-
-def grid_side(size):
-    """Tokens per side of the encoder's output grid for a size x size input (16x patches, then two stride-2 convs)."""
-    return math.ceil((size // 16) / 4)
+        return ImageMode(mode, sizes[0], True, None, sizes[1])
+    return ImageMode(mode, sizes[0], kind == "resize", None)
 
 
 def global_shape(mode):
@@ -126,11 +133,11 @@ def count_image_tokens(width, height, mode, max_tiles=MAX_TILES):
     """
     mode = resolve_mode(mode)
     width_px, height_px = global_shape(mode)
-    rows, cols = grid_side(height_px), grid_side(width_px)
+    rows, cols = ENCODER.tokens_per_side(height_px), ENCODER.tokens_per_side(width_px)
     count = rows * (cols + 1) + 1
     w, h = choose_tiling(width, height, mode, max_tiles)
     if (w, h) != (1, 1):
-        m = grid_side(mode.tile_size)
+        m = ENCODER.tokens_per_side(mode.tile_size)
         count += (h * m) * (w * m + 1)
     return count
 

@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanovlm.checkpoint import find_last_step, load_checkpoint, load_vlm, relative_base_dir, save_checkpoint
+from nanovlm.checkpoint import (find_last_step, image_mode_of, load_checkpoint, load_vlm, relative_base_dir,
+                                save_checkpoint)
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import eval_batches, load_conversations, load_records, longest_record, vision_batches
 from nanovlm.evaluate import FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, summarize, validation_sums
+from nanovlm.image_process import resolve_mode
 from nanovlm.importers import load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat
 from nanovlm.lora import ADAPTER_KEYS, prepare_adapters
 from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
@@ -113,7 +115,7 @@ def build_model(cfg, device):
         if "adapter" in meta:
             raise SystemExit(f"--start_from={path} is an adapter run: give its base run instead "
                              f"({meta['adapter']['base_dir']}), or train that one further with --resume")
-        return Built(model, tokenizer, cfg["image_mode"] or meta["image_mode"], (path, meta["step"]))
+        return Built(model, tokenizer, image_mode_of(meta, cfg["image_mode"]), (path, meta["step"]))
     gpt = None
     if cfg["init_from"]:
         gpt, _ = load_nanochat(cfg["init_from"], device=device)
@@ -148,10 +150,11 @@ def setup_model(cfg, checkpoint_dir, device, master):
         step = find_last_step(checkpoint_dir)
         print0(f"resuming {checkpoint_dir} from step {step}")
         model, tokenizer, meta = load_vlm(checkpoint_dir, step, device=device, training=True)
-        if cfg["image_mode"] and cfg["image_mode"] != meta["image_mode"]:
+        image_mode = image_mode_of(meta)
+        if cfg["image_mode"] and resolve_mode(cfg["image_mode"]) != image_mode:
             raise SystemExit(f"--image_mode={cfg['image_mode']}, but {checkpoint_dir} trained in "
-                             f"{meta['image_mode']}: resume in that mode, or --start_from it as a new run")
-        return ModelSetup(model, tokenizer, meta["image_mode"], step, meta.get("adapter"))
+                             f"{image_mode}: resume in that mode, or --start_from it as a new run")
+        return ModelSetup(model, tokenizer, image_mode, step, meta.get("adapter"))
 
     model, tokenizer, image_mode, base = build_model(cfg, device)
     adapter_config = {k: cfg[k] for k in ADAPTER_KEYS}
@@ -164,7 +167,7 @@ def setup_model(cfg, checkpoint_dir, device, master):
         # adapters are saved alone, so their base must be on disk: keep this run's starting weights once
         base = (os.path.join(checkpoint_dir, "base"), 0)
         if master:
-            save_checkpoint(base[0], 0, model.state_dict(), dict(model_meta(model), image_mode=image_mode))
+            save_checkpoint(base[0], 0, model.state_dict(), dict(model_meta(model), image_mode=str(image_mode)))
             tokenizer.save(os.path.join(base[0], "tokenizer"))
     prepare_adapters(model, adapter_config, training=True)
     adapter = {"config": adapter_config, "base_dir": relative_base_dir(checkpoint_dir, base[0]), "base_step": base[1]}
@@ -271,7 +274,7 @@ class Run:
     model: torch.nn.Module  # the VLM (train_model wraps it in DDP when there are several ranks)
     train_model: torch.nn.Module
     tokenizer: object
-    image_mode: str
+    image_mode: object  # an image_process.ImageMode
     adapter: dict  # None for a full run
     optimizer: torch.optim.Optimizer
     records: list
@@ -487,7 +490,7 @@ def evaluate(run):
 def save(run):
     """This step's checkpoint: weights (or the adapters alone), meta, and each rank's optimizer/RNG/data state."""
     model = run.model
-    meta = dict(model_meta(model), image_mode=run.image_mode, tokenizer_dir="tokenizer", user_config=run.cfg,
+    meta = dict(model_meta(model), image_mode=str(run.image_mode), tokenizer_dir="tokenizer", user_config=run.cfg,
                 loader_state=run.loader_state, metrics=run.metrics,
                 loop_state={"smooth_loss": run.smooth_loss, "total_time": run.total_time})
     rank_state = {"rng": torch.get_rng_state(), "loader_state": run.loader_state,

@@ -6,7 +6,6 @@ encoder turns each image into exactly N vectors in DeepSeek-OCR's layout, and th
 embeddings at the <|image|> positions, in order. The GPT then runs on the spliced embeddings (forward(embeds=)).
 """
 
-import math
 import re
 from dataclasses import asdict
 
@@ -75,7 +74,7 @@ def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
     if name not in PRESETS:
         raise ValueError(f"unknown model preset '{name}', choose from {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    image_mode = image_mode or preset["image_mode"]
+    image_mode = resolve_mode(image_mode or preset["image_mode"])
     gpt_config = GPTConfig(vocab_size=vocab_size, **dict(preset["gpt"], sequence_len=sequence_len or
                                                          preset["gpt"]["sequence_len"]))
     encoder_kwargs = dict(preset["encoder"])
@@ -83,11 +82,11 @@ def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
     encoder_config = make(out_dim=gpt_config.n_embd, **encoder_kwargs)
     width, height = global_shape(image_mode)
     if preset["proj_norm"]:
-        if resolve_mode(image_mode).tile_size:
+        if image_mode.tile_size:
             raise ValueError(f"preset {name} normalises a fixed token grid; a tiling mode ({image_mode}) has none")
         encoder_config.proj_norm_grid = encoder_config.token_grid(height, width)
     if preset["ctc"]:
-        encoder_config.ctc_rows = height // encoder_config.sam_patch_size
+        encoder_config.ctc_rows = encoder_config.patches_per_side(height)
     return gpt_config, encoder_config, image_mode
 
 
@@ -184,13 +183,14 @@ class VLM(nn.Module):
         """
         stages = weight_elements_by_stage(self)
         positions = dict.fromkeys(stages, 0)
-        patch = self.encoder.config.sam_patch_size
+        geometry = self.encoder.config
         for height, width in views:
-            ph, pw = height // patch, width // patch  # SAM patches; each stride-2 conv halves, rounding up
-            grid = math.ceil(ph / 4) * math.ceil(pw / 4)
-            for stage, count in (("sam", ph * pw), ("sam_ctc", pw), ("net_2", math.ceil(ph / 2) * math.ceil(pw / 2)),
+            patches = geometry.patches_per_side(height) * geometry.patches_per_side(width)
+            net_2 = geometry.tokens_per_side(height, convs=1) * geometry.tokens_per_side(width, convs=1)
+            grid = geometry.tokens_per_side(height) * geometry.tokens_per_side(width)
+            for stage, count in (("sam", patches), ("sam_ctc", geometry.patches_per_side(width)), ("net_2", net_2),
                                  ("net_3", grid), ("clip", grid + 1), ("projector", grid),
-                                 ("token_ctc", math.ceil(pw / 4))):
+                                 ("token_ctc", geometry.tokens_per_side(width))):
                 if stage in positions:
                     positions[stage] += count
         for stage in positions:

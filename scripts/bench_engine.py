@@ -34,8 +34,7 @@ synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None
 # a byte-level tokenizer is enough to time the model: 256 byte tokens + the specials
 tokenizer = Tokenizer(build_encoding(SPLIT_PATTERN, {bytes([i]): i for i in range(256)}, SPECIAL_TOKENS))
 vocab = 65536 if model == "d20" else tokenizer.get_vocab_size()
-gpt_config, encoder_config, preset_mode = preset_configs(model, vocab)
-mode = image_mode or preset_mode
+gpt_config, encoder_config, mode = preset_configs(model, vocab, image_mode)  # image_mode "" = the preset's
 vlm = build_vlm(gpt_config, encoder_config, tokenizer.encode_special("<|image|>"), device=device).eval()
 with torch.no_grad():  # nanochat's init zeroes lm_head; random logits make a realistic argmax
     vlm.gpt.lm_head.weight.normal_(0, 0.02)

@@ -13,11 +13,11 @@ import os
 from PIL import ImageDraw
 
 from configurator import configure
-from nanovlm.checkpoint import load_vlm
+from nanovlm.checkpoint import image_mode_of, load_vlm
 from nanovlm.common import autocast_context, compute_init, get_base_dir
 from nanovlm.engine import Engine, room_to_generate
 from nanovlm.evaluate import prompt_ids
-from nanovlm.image_process import load_image, preprocess, resolve_mode
+from nanovlm.image_process import load_image, preprocess
 from nanovlm.metrics import parse_boxes
 
 image = ""  # the image to read
@@ -61,8 +61,7 @@ try:
     picture = load_image(image)
     directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
     model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
-    image_mode = image_mode or meta["image_mode"]
-    resolve_mode(image_mode)
+    image_mode = image_mode_of(meta, image_mode)
 except (FileNotFoundError, ValueError) as e:
     fail(e)
 

@@ -3,7 +3,7 @@ Evaluate a checkpoint on a dataset: per record the teacher-forced answer loss, t
 exact match, CER, NED, word precision and, for grounding answers, box IoU and detection rate.
 
     python -m scripts.vision_sample --data=data/tier1/dataset.json --model_tag=vis_tok --json=eval.json
-    torchrun --standalone --nproc_per_node=2 -m scripts.vision_sample -- --data=data/synth_val/dataset.json
+    torchrun --standalone --nproc_per_node=2 -m scripts.vision_sample --data=data/synth_val/dataset.json
 
 Under torchrun the records are split across ranks and rank 0 gathers, prints and writes the summary.
 """
@@ -15,11 +15,10 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from nanovlm.checkpoint import load_vlm
+from nanovlm.checkpoint import image_mode_of, load_vlm
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
 from nanovlm.dataloader import load_records
 from nanovlm.evaluate import IMAGE_GAP_WARN, evaluate_records, summarize
-from nanovlm.image_process import resolve_mode
 from nanovlm.sheet import make_sheet
 
 data = "data/tier1/dataset.json"
@@ -39,8 +38,7 @@ directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
 try:
     model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
     records = load_records(data)
-    image_mode = image_mode or meta["image_mode"]
-    resolve_mode(image_mode)
+    image_mode = image_mode_of(meta, image_mode)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
 records = records[:limit] if limit > 0 else records

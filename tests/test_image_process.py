@@ -71,10 +71,12 @@ def test_candidate_order_decides_ties():
 
 
 def test_custom_modes():
-    assert resolve_mode("resize:128") == (128, True, None, None)
-    assert resolve_mode("pad:256") == (256, False, None, None)
-    assert resolve_mode("gundam:128:256") == (256, False, 128, None)
-    assert resolve_mode("rect:2048:64") == (2048, True, None, 64)
+    assert resolve_mode("resize:128") == ("resize:128", 128, True, None, None)
+    assert resolve_mode("pad:256") == ("pad:256", 256, False, None, None)
+    assert resolve_mode("gundam:128:256") == ("gundam:128:256", 256, False, 128, None)
+    rect = resolve_mode("rect:2048:64")
+    assert rect == ("rect:2048:64", 2048, True, None, 64) and str(rect) == "rect:2048:64"
+    assert resolve_mode(rect) is rect and resolve_mode("base") is resolve_mode("base")  # resolved once, kept
     assert count_image_tokens(320, 128, "rect:2048:64") == 1 * 33 + 1  # one row of 32 tokens, newline, separator
     assert count_image_tokens(320, 128, "rect:1024:128") == 2 * 17 + 1
     assert count_image_tokens(50, 500, "resize:128") == 2 * 3 + 1

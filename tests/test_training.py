@@ -258,3 +258,11 @@ def test_text_ratio_without_text_data_stops_before_any_step(workspace, monkeypat
     with pytest.raises(SystemExit, match="no --text_data was given"):
         run_in_process(monkeypatch, base, f"--data={data}", "--model_tag=notext", "--text_ratio=0.2", *FAST)
     assert "step 0" not in capsys.readouterr().out
+
+
+def test_resume_refuses_another_image_mode(workspace, monkeypatch):
+    base, data = workspace
+    run_in_process(monkeypatch, base, f"--data={data}", "--model_tag=modes", *FAST)  # image mode resize:128
+    with pytest.raises(SystemExit, match="trained in resize:128"):
+        run_in_process(monkeypatch, base, f"--data={data}", "--model_tag=modes", *FAST, "--resume=True",
+                       "--num_iterations=10", "--image_mode=resize:256")

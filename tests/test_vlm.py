@@ -72,7 +72,7 @@ def test_gradients_flow_to_the_encoder(tokenizer):
 def test_projector_width_follows_the_gpt(tokenizer):
     from nanovlm.vlm import preset_configs
     gpt_config, encoder_config, mode = preset_configs("d20", 65536)
-    assert encoder_config.out_dim == gpt_config.n_embd == 1280 and mode == "base"
+    assert encoder_config.out_dim == gpt_config.n_embd == 1280 and str(mode) == "base"
     gpt_config, encoder_config, mode = preset_configs("tiny", 1000)
     assert encoder_config.out_dim == gpt_config.n_embd
     with pytest.raises(ValueError, match="unknown model preset"):
