@@ -134,7 +134,7 @@ def get_wandb(run, project, config, rank=0):
     try:
         import wandb  # optional dependency: only needed when logging to wandb
     except ImportError:
-        raise SystemExit(f"--run={run} asks for wandb logging, but wandb is not installed (pip install wandb)")
+        raise ImportError(f"--run={run} asks for wandb logging, but wandb is not installed (pip install wandb)")
     return wandb.init(project=project, name=run, config=config)
 
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from nanovlm.image_process import count_image_tokens, load_image, preprocess, resolve_mode
+from nanovlm.image_process import PreprocessedImage, count_image_tokens, load_image, preprocess, resolve_mode
 from nanovlm.synth import RENDERERS, make_sample
 from nanovlm.tokenizer import IMAGE_PLACEHOLDER
 
@@ -146,6 +146,12 @@ def render_ids(record, tokenizer, image_mode, image):
     return tokenizer.render_conversation(conversation, image_tokens=[n_image])
 
 
+def prompt_ids(tokenizer, prompt, image, image_mode):
+    """The generation prompt for one image: the user turn with its <|image|> run, then <|assistant_start|>."""
+    n_image = count_image_tokens(image.width, image.height, image_mode)
+    return tokenizer.render_for_completion([{"role": "user", "content": prompt}], image_tokens=[n_image])
+
+
 def render_record(record, tokenizer, image_mode, max_tokens, image=None):
     """
     One record -> (ids, mask, views) with views = (global_view, tiles, tiling). Raises ValueError naming it,
@@ -204,7 +210,7 @@ def collate(samples, pad_id, device):
     use_cuda = torch.device(device).type == "cuda"
     inputs = inputs.to(device, non_blocking=use_cuda)
     targets = targets.to(device, non_blocking=use_cuda)
-    images = [tuple(t.to(device, non_blocking=use_cuda) if torch.is_tensor(t) else t for t in image)
+    images = [PreprocessedImage(*(t.to(device, non_blocking=use_cuda) if torch.is_tensor(t) else t for t in image))
               for _, _, image in samples if image is not None]
     return inputs, targets, images
 

@@ -12,9 +12,8 @@ import contextlib
 
 import torch
 
-from nanovlm.dataloader import collate, load_record_image, render_record
+from nanovlm.dataloader import collate, load_record_image, prompt_ids, render_record
 from nanovlm.engine import Engine
-from nanovlm.image_process import count_image_tokens
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
 
 IMAGE_GAP_WARN = 0.05  # nats per answer token: below this the model barely looks at its images
@@ -31,12 +30,6 @@ def score(pred, ref):
         result["det_rate"] = detection_rate(pred_boxes, ref_boxes)
         result["iou"] = mean_iou(pred_boxes, ref_boxes)
     return result
-
-
-def prompt_ids(tokenizer, prompt, image, image_mode):
-    """The generation prompt for one image: the user turn with its <|image|> run, then <|assistant_start|>."""
-    n_image = count_image_tokens(image.width, image.height, image_mode)
-    return tokenizer.render_for_completion([{"role": "user", "content": prompt}], image_tokens=[n_image])
 
 
 def swapped_images(inputs, images, image_token_id):

@@ -33,6 +33,10 @@ from nanovlm.vlm import COMPONENTS, build_vlm, component_of, freeze, model_meta,
     weight_elements_by_stage
 
 
+class RunError(Exception):
+    """A run that cannot start or cannot go on, with a message for the user (the scripts print it, no traceback)."""
+
+
 # -----------------------------------------------------------------------------
 # Optimizer groups and the schedule
 
@@ -50,7 +54,7 @@ def group_parameters(model, lrs, weight_decays):
             except ValueError as e:
                 problems.append(str(e))
     if problems:
-        raise SystemExit("parameter groups do not cover the model exactly once:\n  " + "\n  ".join(problems))
+        raise RunError("parameter groups do not cover the model exactly once:\n  " + "\n  ".join(problems))
     return [{"name": g, "params": ps, "lr": lrs[g], "initial_lr": lrs[g], "weight_decay": weight_decays[g]}
             for g, ps in members.items() if ps]
 
@@ -75,12 +79,12 @@ def batch_plan(total_batch_size, device_batch_size, world_size):
     """
     if device_batch_size <= 0:
         if total_batch_size % world_size:
-            raise SystemExit(f"--total_batch_size={total_batch_size} does not split over {world_size} ranks: make it "
+            raise RunError(f"--total_batch_size={total_batch_size} does not split over {world_size} ranks: make it "
                              f"a multiple of {world_size}, or set --device_batch_size")
         return total_batch_size // world_size, 1
     per_step = device_batch_size * world_size
     if total_batch_size % per_step:
-        raise SystemExit(f"--total_batch_size={total_batch_size} is not a multiple of --device_batch_size="
+        raise RunError(f"--total_batch_size={total_batch_size} is not a multiple of --device_batch_size="
                          f"{device_batch_size} x {world_size} ranks = {per_step}: change one of them, or leave "
                          f"--device_batch_size=0 to split the total over the ranks")
     return device_batch_size, total_batch_size // per_step
@@ -99,7 +103,7 @@ def nanochat_tokenizer_dir(cfg):
         return cfg["nanochat_tokenizer"]
     guess = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cfg["init_from"]))), "tokenizer")
     if not os.path.isdir(guess):
-        raise SystemExit(f"--init_from={cfg['init_from']} needs nanochat's tokenizer: pass --nanochat_tokenizer=DIR "
+        raise RunError(f"--init_from={cfg['init_from']} needs nanochat's tokenizer: pass --nanochat_tokenizer=DIR "
                          f"(not found where nanochat keeps it: {guess})")
     print0(f"nanochat tokenizer: {guess}")
     return guess
@@ -113,7 +117,7 @@ def build_model(cfg, device):
         model, tokenizer, meta = load_vlm(path, device=device)
         print0(f"starting from {path} step {meta['step']}")
         if "adapter" in meta:
-            raise SystemExit(f"--start_from={path} is an adapter run: give its base run instead "
+            raise RunError(f"--start_from={path} is an adapter run: give its base run instead "
                              f"({meta['adapter']['base_dir']}), or train that one further with --resume")
         return Built(model, tokenizer, image_mode_of(meta, cfg["image_mode"]), (path, meta["step"]))
     gpt = None
@@ -152,7 +156,7 @@ def setup_model(cfg, checkpoint_dir, device, master):
         model, tokenizer, meta = load_vlm(checkpoint_dir, step, device=device, training=True)
         image_mode = image_mode_of(meta)
         if cfg["image_mode"] and resolve_mode(cfg["image_mode"]) != image_mode:
-            raise SystemExit(f"--image_mode={cfg['image_mode']}, but {checkpoint_dir} trained in "
+            raise RunError(f"--image_mode={cfg['image_mode']}, but {checkpoint_dir} trained in "
                              f"{image_mode}: resume in that mode, or --start_from it as a new run")
         return ModelSetup(model, tokenizer, image_mode, step, meta.get("adapter"))
 
@@ -190,11 +194,11 @@ def sequence_length(model, tokenizer, records, texts, image_mode, max_seq_len):
             longest, name = n, f"text conversation {i + 1}"
     length = max_seq_len or longest
     if longest > length:
-        raise SystemExit(f"record {name} is {longest} tokens, longer than --max_seq_len={max_seq_len}: raise it "
+        raise RunError(f"record {name} is {longest} tokens, longer than --max_seq_len={max_seq_len}: raise it "
                          f"(or leave it 0, the longest record) or drop the record")
     capacity = model.gpt.cos.size(1)
     if length > capacity:
-        raise SystemExit(f"sequence length {length} (record {name}) exceeds this model's rotary table of {capacity}")
+        raise RunError(f"sequence length {length} (record {name}) exceeds this model's rotary table of {capacity}")
     model.config.sequence_len = max(length, 1)  # what the checkpoint's meta and the eval budgets see
     print0(f"sequence length {length} tokens (longest training record: {name}, {longest} tokens)")
     return length
@@ -320,7 +324,7 @@ def setup(cfg):
     records = load_records(cfg["data"], cfg["strict"])
     val_records = load_records(cfg["val_data"], cfg["strict"]) if cfg["val_data"] else records
     if cfg["text_ratio"] > 0 and not cfg["text_data"]:
-        raise SystemExit(f"--text_ratio={cfg['text_ratio']} mixes text into the batches, but no --text_data was "
+        raise RunError(f"--text_ratio={cfg['text_ratio']} mixes text into the batches, but no --text_data was "
                          f"given: pass a JSONL of conversations, or --text_ratio=0 to train on images alone")
     texts = load_conversations(cfg["text_data"], cfg["strict"]) if cfg["text_ratio"] > 0 else None
     max_tokens = sequence_length(model, tokenizer, records, texts, image_mode, cfg["max_seq_len"]) + 1
@@ -369,7 +373,7 @@ def skip_step(run, what):
     print0(f"step {run.step:05d} | {what} is not finite: step skipped ({run.bad_steps} in a row)")
     if run.bad_steps >= run.cfg["max_bad_steps"]:
         kind = "losses" if what.startswith("loss") else "steps"
-        raise SystemExit(f"{run.bad_steps} non-finite {kind} in a row: stopping")
+        raise RunError(f"{run.bad_steps} non-finite {kind} in a row: stopping")
     run.step += 1
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from configurator import configure
 from nanovlm.common import autocast_context, compute_init
 from nanovlm.engine import Engine, generate_naive
-from nanovlm.evaluate import prompt_ids
+from nanovlm.dataloader import prompt_ids
 from nanovlm.image_process import preprocess
 from nanovlm.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, build_encoding
 from nanovlm.vlm import build_vlm, preset_configs

@@ -16,7 +16,7 @@ from configurator import configure
 from nanovlm.checkpoint import image_mode_of, load_vlm
 from nanovlm.common import autocast_context, compute_init, get_base_dir
 from nanovlm.engine import Engine, room_to_generate
-from nanovlm.evaluate import prompt_ids
+from nanovlm.dataloader import prompt_ids
 from nanovlm.image_process import load_image, preprocess
 from nanovlm.metrics import parse_boxes
 

@@ -10,7 +10,7 @@ Every variable of stage 1 (scripts/vis_tok_train.py) is a variable here too, wit
 changes the ones below. Override any of them with --key=value.
 """
 
-from scripts.vis_tok_train import *  # noqa: F401,F403  (stage 1's variables, configure and train)
+from scripts.vis_tok_train import *  # noqa: F401,F403  (stage 1's variables, configure and main)
 
 model_tag = "vis_mid"
 start_from = "vis_tok"  # the stage-1 run: its weights, tokenizer and image mode
@@ -20,5 +20,4 @@ text_data = ""  # JSONL of text-only conversations (required while text_ratio > 
 text_ratio = 0.2  # fraction of the samples that are text-only
 
 if __name__ == "__main__":
-    user_config = configure(globals())  # noqa: F405
-    train(user_config)  # noqa: F405
+    main(configure(globals()))  # noqa: F405

@@ -11,7 +11,7 @@ configurator.py). total_batch_size counts examples (records) per optimizer step.
 """
 
 from configurator import configure
-from nanovlm.training import train
+from nanovlm.training import RunError, train
 
 # run
 run = "dummy"  # wandb run name; "dummy" logs nothing
@@ -74,6 +74,15 @@ eval_samples = 4  # records answered greedily and scored at each eval
 max_new_tokens = -1  # -1 = up to the sequence length
 save_every = -1  # -1 = only at the end
 
+
+
+def main(config):
+    """Train; a run that cannot start or go on stops with its message, not a traceback."""
+    try:
+        return train(config)
+    except (RunError, ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 if __name__ == "__main__":  # vis_mid_train imports these variables as its own defaults
-    user_config = configure(globals())
-    train(user_config)
+    main(configure(globals()))

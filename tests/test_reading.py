@@ -17,7 +17,7 @@ from nanovlm.gpt import GPTConfig
 from nanovlm.image_process import count_image_tokens, preprocess
 from nanovlm.metrics import wrong_characters
 from nanovlm.sheet import make_sheet
-from nanovlm.training import calibrate_image_norm, ctc_targets_of, sequence_length
+from nanovlm.training import RunError, calibrate_image_norm, ctc_targets_of, sequence_length
 from nanovlm.vlm import build_vlm, preset_configs
 
 ANSWERS = ["alpha 12.50", "beta 3 4 5", "gamma OPEN", "delta line"]
@@ -99,7 +99,7 @@ def test_an_overlong_record_is_named_never_cut(tokenizer, tmp_path, capsys):
     assert name == "r1" and length > 60
     model = reading_vlm(tokenizer)
     assert sequence_length(model, tokenizer, records, None, "resize:128", 0) == length  # default: fits all
-    with pytest.raises(SystemExit, match=r"record r1 is \d+ tokens, longer than --max_seq_len=40"):
+    with pytest.raises(RunError, match=r"record r1 is \d+ tokens, longer than --max_seq_len=40"):
         sequence_length(model, tokenizer, records, None, "resize:128", 40)
     with pytest.raises(ValueError, match="raise --max_seq_len"):
         render_record(records[1], tokenizer, "resize:128", 41)

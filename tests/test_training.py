@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_vlm, write_dataset
-from nanovlm.training import group_parameters, lr_multiplier
+from nanovlm.training import RunError, group_parameters, lr_multiplier
 from nanovlm.vlm import COMPONENTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +97,7 @@ def test_every_trainable_parameter_has_exactly_one_group(tokenizer):
     assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
     assert not model.encoder.clip.embeddings.patch_embedding.weight.requires_grad  # never handed to AdamW
     model.encoder.stray = torch.nn.Parameter(torch.zeros(3))  # a new module nobody gave a group
-    with pytest.raises(SystemExit, match="encoder.stray \\(no component\\)"):
+    with pytest.raises(RunError, match="encoder.stray \\(no component\\)"):
         group_parameters(model, {n: 1e-3 for n in names}, {n: 0.0 for n in names})
 
 
@@ -266,3 +266,17 @@ def test_resume_refuses_another_image_mode(workspace, monkeypatch):
     with pytest.raises(SystemExit, match="trained in resize:128"):
         run_in_process(monkeypatch, base, f"--data={data}", "--model_tag=modes", *FAST, "--resume=True",
                        "--num_iterations=10", "--image_mode=resize:256")
+
+
+def test_views_of_a_collated_batch_names_every_view(tokenizer, tmp_path):
+    from nanovlm.dataloader import collate, load_records, render_record
+    from nanovlm.training import views_of
+    from PIL import Image
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1400, 700), "white").save(big)
+    records = [dict(id="a", image=str(big), prompt="<image>\nOCR", answer="x"),
+               dict(id="b", image=str(big), prompt="<image>\nOCR", answer="y")]
+    batch = collate([render_record(r, tokenizer, "gundam:128:256", 400) for r in records], 0, "cpu")
+    assert type(batch[2][0]).__name__ == "PreprocessedImage"  # named through collate
+    tiles = batch[2][0].tiles.size(0)
+    assert tiles > 1 and views_of(batch[2]) == ([(256, 256)] + [(128, 128)] * tiles) * 2
