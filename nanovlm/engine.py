@@ -28,22 +28,14 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     return torch.multinomial(probs, num_samples=1, generator=rng)
 
 
-def gpt_of(model):
-    """The language model of a VLM, or the model itself when it is a plain GPT."""
-    return model.gpt if hasattr(model, "gpt") else model
-
-
 def prompt_forward(model, ids, images, kv_cache=None):
-    """Logits of a prompt, through the VLM when it has images (or is a VLM), else straight through the GPT."""
-    if hasattr(model, "embed"):
-        return model(ids, images=images, kv_cache=kv_cache)
-    assert not images, "a plain GPT cannot take images"
-    return model(ids, kv_cache=kv_cache)
+    """Logits of a prompt through the VLM: the encoder runs here, once, for the prompt's images (if any)."""
+    return model(ids, images=images, kv_cache=kv_cache)
 
 
 def token_forward(model, ids, kv_cache):
     """Decode step: token ids only, the encoder is not involved."""
-    return gpt_of(model)(ids, kv_cache=kv_cache)
+    return model.gpt(ids, kv_cache=kv_cache)
 
 
 def room_to_generate(gpt, prompt_length):
@@ -58,7 +50,7 @@ def room_to_generate(gpt, prompt_length):
 
 class Engine:
     def __init__(self, model, tokenizer):
-        self.model = model  # a VLM or a plain GPT
+        self.model = model  # a VLM
         self.tokenizer = tokenizer
         self.forbidden_ids = [tokenizer.encode_special(t) for t in FORBIDDEN_TOKENS if t in tokenizer.get_special_tokens()]
         self.stop_ids = {tokenizer.encode_special(t) for t in STOP_TOKENS}
@@ -75,7 +67,7 @@ class Engine:
         a row is live and 0 after its stop token; such finished rows keep sampling, and callers ignore them.
         """
         assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens must be a list of ids"
-        gpt = gpt_of(self.model)
+        gpt = self.model.gpt
         config = gpt.config
         device = gpt.get_device()
         rng = torch.Generator(device=device)
@@ -130,7 +122,7 @@ def generate_naive(model, tokenizer, tokens, images=None, max_tokens=256, stop=T
     produce exactly these tokens; the benchmark measures how much faster it does so.
     """
     engine_rules = Engine(model, tokenizer)
-    gpt = gpt_of(model)
+    gpt = model.gpt
     ids = list(tokens)
     out = []
     for _ in range(max_tokens):
