@@ -56,8 +56,9 @@ class Engine:
         self.stop_ids = {tokenizer.encode_special(t) for t in STOP_TOKENS}
 
     def mask_forbidden(self, logits):
-        logits[:, self.forbidden_ids] = float("-inf")
-        return logits
+        if not torch.is_tensor(self.forbidden_ids) or self.forbidden_ids.device != logits.device:
+            self.forbidden_ids = torch.tensor(self.forbidden_ids, dtype=torch.long, device=logits.device)
+        return logits.index_fill_(1, self.forbidden_ids, float("-inf"))
 
     @torch.inference_mode()
     def generate(self, tokens, images=None, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
@@ -95,6 +96,44 @@ class Engine:
             if all(done) or step == max_tokens - 1:
                 return  # no forward for a token nobody will read
             logits = token_forward(self.model, next_ids, kv_cache)[:, -1, :]
+
+    @torch.inference_mode()
+    def generate_many(self, prompts, images=None, features=None, max_tokens=256, temperature=0.0, top_k=None,
+                      seed=42):
+        """
+        Different prompts (lists of ids of any lengths), each with its own images, generated together: left-padded
+        into one batch (KVCache.row_start gives each row its own positions and hides the padding), prefilled once,
+        then one token per row per step; each row stops at its own stop token. images: one list of preprocessed
+        images per prompt; or features: their encoded sequences, flat in prompt order (see VLM.embed).
+        Returns each prompt's generated ids, without the stop token. Greedy rows equal generate() one by one.
+        """
+        gpt = self.model.gpt
+        config = gpt.config
+        device = gpt.get_device()
+        longest = max(len(p) for p in prompts)
+        max_tokens = min(max_tokens, room_to_generate(gpt, longest))
+        ids = torch.full((len(prompts), longest), self.tokenizer.get_bos_token_id(), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        row_start = torch.tensor([longest - len(p) for p in prompts], device=device)
+        kv_cache = KVCache(len(prompts), config.n_kv_head, longest + max_tokens, config.n_embd // config.n_head,
+                           config.n_layer, row_start=row_start)
+        flat_images = [image for row in images for image in row] if images else None
+        logits = self.model(ids.to(device), images=flat_images, features=features, kv_cache=kv_cache)[:, -1, :]
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        outputs, done = [[] for _ in prompts], [False] * len(prompts)
+        for step in range(max_tokens):
+            next_ids = sample_next_token(self.mask_forbidden(logits), rng, temperature, top_k)  # (B, 1)
+            for row, token in enumerate(next_ids[:, 0].tolist()):
+                if not done[row]:
+                    done[row] = token in self.stop_ids
+                    if not done[row]:
+                        outputs[row].append(token)
+            if all(done) or step == max_tokens - 1:
+                break
+            logits = token_forward(self.model, next_ids, kv_cache)[:, -1, :]
+        return outputs
 
     def generate_batch(self, tokens, images=None, num_samples=1, **kwargs):
         """Whole sequences: (prompt + generated ids per row without the stop token, masks)."""

@@ -67,10 +67,11 @@ def feature_spread(encoder, images):
 
 
 @torch.no_grad()
-def answer_losses(model, inputs, targets, images):
-    """(B, T) per-token cross-entropy of the batch with these images (0 where the target is -1)."""
+def answer_losses(model, inputs, targets, images=None, features=None):
+    """(B, T) per-token cross-entropy of the batch with these images, or their encoded features (0 where the
+    target is -1)."""
     B, T = targets.shape
-    return model(inputs, images=images, targets=targets, loss_reduction="none").view(B, T).float()
+    return model(inputs, images=images, features=features, targets=targets, loss_reduction="none").view(B, T).float()
 
 
 @torch.no_grad()
@@ -97,58 +98,60 @@ def validation_sums(model, batches, device):
     return sums, spread
 
 
-def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, autocast=None, gap_batch=16):
+def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, autocast=None, batch_size=8,
+                     gap_batch=16):
     """
     One dict per record: id, prediction, reference, loss, swapped_loss (its answer's loss under another record's
-    image, None where no other record has an image run of the same length) and the measures of score().
-    max_new_tokens <= 0: as many as the model's sequence length, the longest sample it was trained on (so an
-    answer as long as the longest training answer is never cut short).
+    image, None where no other record of its group of gap_batch has an image run of the same length) and the
+    measures of score(). Each image is decoded, preprocessed and encoded once, for the teacher-forced loss, the
+    swapped loss and generation; generation runs batch_size records at a time (greedy: the same answers as one
+    by one). max_new_tokens <= 0: as many as the model's sequence length, the longest sample it was trained on
+    (so an answer as long as the longest training answer is never cut short).
     """
     engine = Engine(model, tokenizer)
     device = model.get_device()
     max_tokens = model.config.sequence_len + 1
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    samples, pending = [], []  # pending: (sample, rendered) waiting for their swapped loss, gap_batch at a time
+    wanted = max_new_tokens if max_new_tokens > 0 else model.config.sequence_len
+    samples, group = [None] * len(records), []  # group: (index, record, image, rendered), up to gap_batch of them
     was_training = model.training
     model.eval()
     context = autocast or contextlib.nullcontext()
 
     def flush():
-        inputs, targets, images = collate([rendered for _, rendered in pending], pad_id, device)
-        other, got_other = swapped_images(inputs, images, model.image_token_id)
-        with context:
-            losses = answer_losses(model, inputs, targets, other)
-        for row, (sample, _) in enumerate(pending):
+        inputs, targets, images = collate([rendered for *_, rendered in group], pad_id, device)
+        with torch.no_grad(), context:
+            features = model.encoder.encode_images(images)  # once, for everything below
+            own = answer_losses(model, inputs, targets, features=features)
+            other, got_other = swapped_images(inputs, features, model.image_token_id)
+            swapped = answer_losses(model, inputs, targets, features=other) if got_other.any() else None
+            prompts = [prompt_ids(tokenizer, record["prompt"], image, image_mode) for _, record, image, _ in group]
+            answers = []
+            for start in range(0, len(group), batch_size):
+                answers += engine.generate_many(prompts[start:start + batch_size],
+                                                features=features[start:start + batch_size], max_tokens=wanted)
+        for row, ((index, record, _, _), answer) in enumerate(zip(group, answers)):
             keep = targets[row] != -1
+            pred = tokenizer.decode(answer)
+            sample = dict(id=record["id"], prediction=pred, reference=record["answer"],
+                          loss=own[row][keep].mean().item(), swapped_loss=None, **score(pred, record["answer"]))
             if got_other[row] and keep.any():
-                sample["swapped_loss"] = losses[row][keep].mean().item()
-        pending.clear()
+                sample["swapped_loss"] = swapped[row][keep].mean().item()
+            samples[index] = sample
+        group.clear()
 
-    for record in records:
+    for index, record in enumerate(records):
         try:
             image = load_record_image(record)
-            rendered = render_record(record, tokenizer, image_mode, max_tokens, image)
+            group.append((index, record, image, render_record(record, tokenizer, image_mode, max_tokens, image)))
         except ValueError as e:  # an unreadable or overlong record scores as an empty answer, the eval goes on
             print(f"record {record['id']}: {e}")
-            samples.append(dict(id=record["id"], prediction="", reference=record["answer"], loss=None,
-                                swapped_loss=None, error=str(e), **score("", record["answer"])))
+            samples[index] = dict(id=record["id"], prediction="", reference=record["answer"], loss=None,
+                                  swapped_loss=None, error=str(e), **score("", record["answer"]))
             continue
-        # the image is decoded and preprocessed once: for the teacher-forced loss and for generation
-        inputs, targets, images = collate([rendered], pad_id, device)
-        ids = prompt_ids(tokenizer, record["prompt"], image, image_mode)
-        wanted = max_new_tokens if max_new_tokens > 0 else model.config.sequence_len
-        budget = min(wanted, model.config.sequence_len * 10 - len(ids))
-        with torch.no_grad(), context:
-            loss = model(inputs, images=images, targets=targets).item()  # mean cross-entropy of the answer
-            out, _ = engine.generate_batch(ids, images=images, max_tokens=budget, temperature=0.0)
-        pred = tokenizer.decode(out[0][len(ids):])
-        sample = dict(id=record["id"], prediction=pred, reference=record["answer"], loss=loss, swapped_loss=None,
-                      **score(pred, record["answer"]))
-        samples.append(sample)
-        pending.append((sample, rendered))
-        if len(pending) == gap_batch:
+        if len(group) == gap_batch:
             flush()
-    if len(pending) > 1:
+    if group:
         flush()
     model.train(was_training)
     return samples

@@ -72,7 +72,10 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if kv_cache is None or Tq == Tk:
+        if kv_cache is not None and kv_cache.row_start is not None:
+            # rows of different lengths, left-padded: each row sees its own tokens only (KVCache.attention_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attention_mask(Tq, Tk), enable_gqa=gqa)
+        elif kv_cache is None or Tq == Tk:
             # training, or the first prefill into an empty cache: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:
@@ -114,12 +117,36 @@ class KVCache:
     """
     Keys and values of every layer, one tensor (n_layer, 2, B, H_kv, T, D), allocated on the first insert with
     the dtype and device of the keys. `pos` is the number of positions filled; it advances after the last layer.
+
+    row_start (B,), for a batch of prompts of different lengths, left-padded to one length: the column where each
+    row's own tokens begin. A row's positions (rotary) then count from there, and its queries never see the
+    padding before it. None: every row starts at column 0 (one prompt, or equal lengths).
     """
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, row_start=None):
         self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
         self.cache = None
         self.pos = 0
+        self.row_start = row_start
+        self._mask = None  # (key for which it was built, mask): one mask per forward, shared by the layers
+
+    def positions(self, T):
+        """(B, T) rotary positions of the next T columns: column minus the row's start (padding counts as 0)."""
+        columns = torch.arange(self.pos, self.pos + T, device=self.row_start.device)
+        return (columns[None, :] - self.row_start[:, None]).clamp(min=0)
+
+    def attention_mask(self, Tq, Tk):
+        """(B, 1, Tq, Tk) bool: causal, and no padding keys. A padding query sees only itself (never an empty row,
+        which would be NaN); nothing reads its output."""
+        key = (Tq, Tk)
+        if self._mask is None or self._mask[0] != key:
+            keys = torch.arange(Tk, device=self.row_start.device)
+            queries = keys[Tk - Tq:]
+            causal = keys[None, :] <= queries[:, None]
+            own = keys[None, :] >= self.row_start[:, None]
+            mask = (causal[None] & own[:, None, :]) | (keys[None, :] == queries[:, None])[None]
+            self._mask = (key, mask[:, None])
+        return self._mask[1]
 
     def get_pos(self):
         return self.pos
@@ -248,7 +275,14 @@ class GPT(nn.Module):
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} exceeds the rotary cache {self.cos.size(1)}"
         assert self.cos.device == x.device, f"rotary tables on {self.cos.device}, input on {x.device}"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        if kv_cache is not None and kv_cache.row_start is not None:
+            positions = kv_cache.positions(T)  # (B, T): each row counts from its own first token
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+        else:
+            cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        # the bf16 tables in x's dtype once here, not at each of the layers' rotary products (the same values: the
+        # products would promote them to x's dtype anyway)
+        cos_sin = cos.to(x.dtype), sin.to(x.dtype)
 
         x = norm(x)
         for block in self.transformer.h:

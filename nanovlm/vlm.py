@@ -106,40 +106,47 @@ class VLM(nn.Module):
     def get_device(self):
         return self.gpt.get_device()
 
-    def embed(self, idx, images=None, return_readouts=False):
+    def embed(self, idx, images=None, return_readouts=False, features=None):
         """
         Token embeddings (B, T, n_embd) with image features spliced in.
         images: preprocessed images (global_view, tiles, tiling) in the order their <|image|> runs appear in idx,
         row by row: the i-th image fills the i-th run. None or [] for text only.
+        features: instead of images, their sequences as encoder.encode_images returned them (an image encoded
+        once can then serve several forwards: a loss, a swapped-image loss, a generation).
         """
         x = self.gpt.transformer.wte(idx)
         is_image = idx == self.image_token_id
         num_slots = int(is_image.sum())
-        if not images:
+        if not images and not features:
             if num_slots:
                 raise ValueError(f"the tokens hold {num_slots} <|image|> positions but no images were given")
             return (x, []) if return_readouts else x
-        if return_readouts:
+        readouts = []
+        if features:
+            sequences = features
+        elif return_readouts:
             sequences, readouts = self.encoder.encode_images(images, return_readouts=True)
         else:
             sequences = self.encoder.encode_images(images)
-        features = torch.cat(sequences)  # (sum of N_i, n_embd)
+        features = torch.cat(list(sequences))  # (sum of N_i, n_embd)
         if features.size(0) != num_slots:
-            raise ValueError(f"{len(images)} image(s) give {features.size(0)} feature vectors but the tokens hold "
-                             f"{num_slots} <|image|> positions (prompt built for another image mode or size?)")
+            raise ValueError(f"{len(sequences)} image(s) give {features.size(0)} feature vectors but the tokens "
+                             f"hold {num_slots} <|image|> positions (prompt built for another image mode or size?)")
         # masked_scatter fills the True positions in row-major order: the image order of the batch
         x = x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
         return (x, readouts) if return_readouts else x
 
-    def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean", ctc_targets=None):
+    def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean", ctc_targets=None,
+                features=None):
         """
-        Logits (B, T, vocab) or the loss, as GPT.forward, for token ids with images spliced in.
+        Logits (B, T, vocab) or the loss, as GPT.forward, for token ids with images spliced in (or their encoded
+        features, see embed).
         ctc_targets (training with a CTC read-out): one byte tensor per image, the text it shows; then the result
         is (language-model loss, CTC loss), from one pass of the encoder.
         """
         if ctc_targets is None:
             return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
-                            embeds=self.embed(idx, images))
+                            embeds=self.embed(idx, images, features=features))
         embeds, readouts = self.embed(idx, images, return_readouts=True)
         lm_loss = self.gpt(None, targets=targets, embeds=embeds)
         return lm_loss, self.ctc_loss(readouts, ctc_targets)

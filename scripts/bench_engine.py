@@ -1,14 +1,20 @@
 """
-Generation speed: the KV-cached engine vs the naive loop that re-runs the whole sequence (and the encoder) for
-every new token, on one image prompt, greedy, in the same run. Both must produce the same tokens.
+Generation speed, in one run, greedy:
+1. the KV-cached engine vs the naive loop that re-runs the whole sequence (and the encoder) for every new token,
+   on one image prompt: `speedup N.NNx`;
+2. batch_records different records (their own images and prompts of different lengths) generated together
+   (Engine.generate_many) vs one by one: `batch speedup N.NNx`, the last line.
+The compared loops run interleaved, best of `repeats` each, so a load change on the machine hits both alike. Both
+sides must produce the same tokens: the script exits non-zero if they do not.
 
     python -m scripts.bench_engine                  # tiny model on CPU
     python -m scripts.bench_engine --model=d20      # nanochat d20 GPT + the real DeepEncoder (GPU)
 
-Weights are random: speed does not depend on what the model says. Stop tokens are ignored so that both loops
-produce exactly new_tokens tokens. The last line reads `speedup N.NNx` (engine over naive).
+Weights are random: speed does not depend on what the model says. Stop tokens are ignored so that every loop
+produces exactly new_tokens tokens per record.
 """
 
+import sys
 import time
 
 import torch
@@ -26,6 +32,7 @@ model = "tiny"
 image_mode = ""  # empty = the preset's
 new_tokens = 256
 repeats = 3  # best of
+batch_records = 8  # records in the batched-generation comparison
 device_type = ""
 user_config = configure(globals())
 
@@ -39,39 +46,76 @@ vlm = build_vlm(gpt_config, encoder_config, tokenizer.encode_special("<|image|>"
 with torch.no_grad():  # nanochat's init zeroes lm_head; random logits make a realistic argmax
     vlm.gpt.lm_head.weight.normal_(0, 0.02)
 
-picture = Image.new("RGB", (600, 800), "white")
-draw = ImageDraw.Draw(picture)
-for row in range(30):
-    draw.text((20, 20 + 25 * row), f"item {row:02d} ........ {row * 1.25:7.2f}", fill="black")
-global_view, tiles, tiling = preprocess(picture, mode)
-views = (global_view.to(device), tiles.to(device) if tiles is not None else None, tiling)
+def receipt(seed, rows):
+    """A receipt-like picture: rows of items with prices (what the encoder sees does not change the timing)."""
+    picture = Image.new("RGB", (600, 800), "white")
+    draw = ImageDraw.Draw(picture)
+    for row in range(rows):
+        draw.text((20, 20 + 25 * row), f"item {seed}-{row:02d} ........ {row * 1.25:7.2f}", fill="black")
+    return picture
+
+
+def on_device(view):
+    return type(view)(view.global_view.to(device), view.tiles.to(device) if view.tiles is not None else None,
+                      view.tiling)
+
+
+def timed(fn):
+    synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize()
+    return time.perf_counter() - t0, out
+
+
+def interleaved(first, second):
+    """Best-of-repeats times of two loops run turn about, and their last outputs."""
+    best = [float("inf"), float("inf")]
+    outs = [None, None]
+    for _ in range(repeats):
+        for i, fn in enumerate((first, second)):
+            t, outs[i] = timed(fn)
+            best[i] = min(best[i], t)
+    return best, outs
+
+
+picture = receipt(0, 30)
+views = on_device(preprocess(picture, mode))
 ids = prompt_ids(tokenizer, "<image>\nOCR this image.", picture, mode)
 engine = Engine(vlm, tokenizer)
 engine.stop_ids = set()  # time exactly new_tokens tokens
 
+# records of the batch: each its own picture and a prompt of its own length
+pictures = [receipt(i, 10 + 2 * i) for i in range(batch_records)]
+prompts = [prompt_ids(tokenizer, "<image>\nOCR this image." + " Carefully." * i, p, mode) for i, p in enumerate(pictures)]
+images = [[on_device(preprocess(p, mode))] for p in pictures]
 
-def best_time(fn):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+
+def one_by_one():
+    return [engine.generate_batch(p, images=im, max_tokens=new_tokens, temperature=0.0)[0][0][len(p):]
+            for p, im in zip(prompts, images)]
 
 
 with autocast_context(device.type):
     engine.generate_batch(ids, images=[views], max_tokens=8, temperature=0.0)  # warm up
-    t_engine, (rows, _) = best_time(lambda: engine.generate_batch(ids, images=[views], max_tokens=new_tokens,
-                                                                 temperature=0.0))
-    t_naive, naive = best_time(lambda: generate_naive(vlm, tokenizer, ids, [views], max_tokens=new_tokens,
-                                                      stop=False))
+    (t_engine, t_naive), (rows, naive) = interleaved(
+        lambda: engine.generate_batch(ids, images=[views], max_tokens=new_tokens, temperature=0.0)[0],
+        lambda: generate_naive(vlm, tokenizer, ids, [views], max_tokens=new_tokens, stop=False))
+    engine.generate_many(prompts[:2], images=images[:2], max_tokens=8)  # warm up
+    (t_single, t_batched), (singles, batched) = interleaved(
+        one_by_one, lambda: engine.generate_many(prompts, images=images, max_tokens=new_tokens))
 generated = rows[0][len(ids):]
+n_batch = sum(len(out) for out in batched)
 print(f"model {model} | device {device} | image mode {mode} | prompt {len(ids)} tokens "
-      f"({ids.count(vlm.image_token_id)} image) | {new_tokens} new tokens, greedy, best of {repeats}")
-print(f"{'loop':<8} {'seconds':>8} {'tokens/s':>10}")
-print(f"{'engine':<8} {t_engine:8.3f} {len(generated) / t_engine:10.1f}")
-print(f"{'naive':<8} {t_naive:8.3f} {len(naive) / t_naive:10.1f}")
-print(f"same tokens: {generated == naive}")
+      f"({ids.count(vlm.image_token_id)} image) | {new_tokens} new tokens, greedy, best of {repeats}, interleaved")
+print(f"{'loop':<28} {'seconds':>8} {'tokens/s':>10}")
+print(f"{'engine':<28} {t_engine:8.3f} {len(generated) / t_engine:10.1f}")
+print(f"{'naive recompute':<28} {t_naive:8.3f} {len(naive) / t_naive:10.1f}")
+print(f"{f'{batch_records} records one by one':<28} {t_single:8.3f} {n_batch / t_single:10.1f}")
+print(f"{f'{batch_records} records batched':<28} {t_batched:8.3f} {n_batch / t_batched:10.1f}")
+same, same_batch = generated == naive, singles == batched
+print(f"same tokens: engine vs naive {same}, batched vs one by one {same_batch}")
 print(f"speedup {t_naive / t_engine:.2f}x")
+print(f"batch speedup {t_single / t_batched:.2f}x")
+if not (same and same_batch):
+    sys.exit("the compared loops produced different tokens")

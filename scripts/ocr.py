@@ -1,11 +1,15 @@
 """
-Read an image with a trained checkpoint; the answer streams to the terminal as it is generated.
+Read images with a trained checkpoint. One image: the answer streams to the terminal as it is generated. Several
+(comma-separated): they are read together in one batch (Engine.generate_many) and each answer is printed under its
+file name.
 
     python -m scripts.ocr --image=receipt.png
+    python -m scripts.ocr --image=a.png,b.png,c.png
     python -m scripts.ocr --image=page.png --prompt="<image>\n<|grounding|>OCR this image." --boxes_out=boxes.png
 
 A grounding answer (<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>, coordinates 0-999) is parsed
-into boxes in pixels; --boxes_out draws them, labelled, on the image.
+into boxes in pixels; --boxes_out draws them, labelled, on the image (with several images: a directory, one
+<name>_boxes.png per image).
 """
 
 import os
@@ -17,10 +21,10 @@ from nanovlm.checkpoint import image_mode_of, load_vlm
 from nanovlm.common import autocast_context, compute_init, get_base_dir
 from nanovlm.engine import Engine, room_to_generate
 from nanovlm.dataloader import prompt_ids
-from nanovlm.image_process import load_image, preprocess
+from nanovlm.image_process import PreprocessedImage, load_image, preprocess
 from nanovlm.metrics import parse_boxes
 
-image = ""  # the image to read
+image = ""  # the image to read, or several, comma-separated
 prompt = "<image>\nOCR this image."
 image_mode = ""  # empty = the checkpoint's
 model_tag = "vis_tok"
@@ -51,36 +55,20 @@ def draw_boxes(picture, boxes, path):
     canvas.save(path)
 
 
-if not image:
-    fail("give an image with --image=PATH")
-prompt = prompt.replace("\\n", "\n")  # a shell passes --prompt="<image>\n..." with a literal backslash-n
-if "<image>" not in prompt:
-    prompt = "<image>\n" + prompt  # the image goes first, as in every training prompt
-_, _, _, _, device = compute_init(device_type)
-try:
-    picture = load_image(image)
-    directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
-    model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
-    image_mode = image_mode_of(meta, image_mode)
-except (FileNotFoundError, ValueError) as e:
-    fail(e)
+def show_boxes(picture, answer, out_path):
+    boxes = parse_boxes(answer)
+    w, h = picture.size
+    for label, (x1, y1, x2, y2) in boxes:
+        print(f"box {label!r}: ({x1 * w / 999:.0f}, {y1 * h / 999:.0f}) - ({x2 * w / 999:.0f}, {y2 * h / 999:.0f}) px")
+    if out_path:
+        draw_boxes(picture, boxes, out_path)
+        print(f"wrote {out_path} with {len(boxes)} boxes")
 
-global_view, tiles, tiling = preprocess(picture, image_mode)
-views = (global_view.to(device), tiles.to(device) if tiles is not None else None, tiling)
-ids = prompt_ids(tokenizer, prompt, picture, image_mode)
-try:
-    room = room_to_generate(model.gpt, len(ids))
-except ValueError as e:
-    fail(f"{image}: {e}")
-if max_new_tokens > room:
-    print(f"note: --max_new_tokens={max_new_tokens} capped at {room}: the prompt is {len(ids)} tokens and the model "
-          f"reads at most {len(ids) + room - 1}")
-    max_new_tokens = room
-engine = Engine(model, tokenizer)
-generated = []
-printed = ""
-with autocast_context(device.type):
-    for column, _ in engine.generate(ids, images=[views], max_tokens=max_new_tokens, temperature=temperature,
+
+def stream(engine, ids, views, max_tokens):
+    """Print one answer as it is generated; returns its text."""
+    generated, printed = [], ""
+    for column, _ in engine.generate(ids, images=[views], max_tokens=max_tokens, temperature=temperature,
                                      top_k=top_k or None, seed=seed):
         if column[0] in engine.stop_ids:
             break
@@ -89,13 +77,52 @@ with autocast_context(device.type):
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[len(printed):], end="", flush=True)
             printed = text
-print()
+    print()
+    return tokenizer.decode(generated)
 
-boxes = parse_boxes(tokenizer.decode(generated))
-if boxes:
-    w, h = picture.size
-    for label, (x1, y1, x2, y2) in boxes:
-        print(f"box {label!r}: ({x1 * w / 999:.0f}, {y1 * h / 999:.0f}) - ({x2 * w / 999:.0f}, {y2 * h / 999:.0f}) px")
-if boxes_out:
-    draw_boxes(picture, boxes, boxes_out)
-    print(f"wrote {boxes_out} with {len(boxes)} boxes")
+
+paths = [p for p in image.split(",") if p]
+if not paths:
+    fail("give an image with --image=PATH (or several: --image=a.png,b.png)")
+prompt = prompt.replace("\\n", "\n")  # a shell passes --prompt="<image>\n..." with a literal backslash-n
+if "<image>" not in prompt:
+    prompt = "<image>\n" + prompt  # the image goes first, as in every training prompt
+_, _, _, _, device = compute_init(device_type)
+try:
+    pictures = [load_image(path) for path in paths]
+    directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
+    model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
+    image_mode = image_mode_of(meta, image_mode)
+except (FileNotFoundError, ValueError) as e:
+    fail(e)
+
+views = []
+for picture in pictures:
+    global_view, tiles, tiling = preprocess(picture, image_mode)
+    views.append(PreprocessedImage(global_view.to(device), tiles.to(device) if tiles is not None else None, tiling))
+prompts = [prompt_ids(tokenizer, prompt, picture, image_mode) for picture in pictures]
+longest = max(len(ids) for ids in prompts)
+try:
+    room = room_to_generate(model.gpt, longest)
+except ValueError as e:
+    fail(f"{paths[[len(ids) for ids in prompts].index(longest)]}: {e}")
+if max_new_tokens > room:
+    print(f"note: --max_new_tokens={max_new_tokens} capped at {room}: the prompt is {longest} tokens and the model "
+          f"reads at most {longest + room - 1}")
+    max_new_tokens = room
+engine = Engine(model, tokenizer)
+with autocast_context(device.type):
+    if len(paths) == 1:
+        answers = [stream(engine, prompts[0], views[0], max_new_tokens)]
+    else:
+        outputs = engine.generate_many(prompts, images=[[v] for v in views], max_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k or None, seed=seed)
+        answers = [tokenizer.decode(out) for out in outputs]
+for path, picture, answer in zip(paths, pictures, answers):
+    if len(paths) > 1:
+        print(f"== {path}\n{answer}")
+    out_path = boxes_out
+    if boxes_out and len(paths) > 1:
+        os.makedirs(boxes_out, exist_ok=True)
+        out_path = os.path.join(boxes_out, os.path.splitext(os.path.basename(path))[0] + "_boxes.png")
+    show_boxes(picture, answer, out_path)

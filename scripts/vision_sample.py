@@ -3,6 +3,7 @@ Evaluate a checkpoint on a dataset: per record the teacher-forced answer loss, t
 exact match, CER, NED, word precision and, for grounding answers, box IoU and detection rate.
 
     python -m scripts.vision_sample --data=data/tier1/dataset.json --model_tag=vis_tok --json=eval.json
+    python -m scripts.vision_sample --data=data/synth_lines_val/dataset.json --model_tag=lines --batch_size=32
     torchrun --standalone --nproc_per_node=2 -m scripts.vision_sample --data=data/synth_val/dataset.json
 
 Under torchrun the records are split across ranks and rank 0 gathers, prints and writes the summary.
@@ -28,6 +29,7 @@ step = -1  # -1 = the latest
 image_mode = ""  # empty = the one the checkpoint was trained with
 max_new_tokens = -1  # -1 = up to the checkpoint's sequence length (its longest training sample)
 limit = -1  # evaluate only the first N records
+batch_size = 8  # records generated together (greedy answers are the same at any batch size)
 json = ""  # write the summary here
 sheet = ""  # write a PNG of the first 24 records: image, prediction (wrong characters in red), reference
 device_type = ""
@@ -45,7 +47,7 @@ records = records[:limit] if limit > 0 else records
 print0(f"evaluating {directory} step {meta['step']} on {len(records)} records of {data} (image mode {image_mode})")
 
 samples = evaluate_records(model, tokenizer, records[rank::world_size], image_mode, max_new_tokens,
-                           autocast_context(device.type))
+                           autocast_context(device.type), batch_size=batch_size)
 if ddp:
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(samples, gathered, dst=0)

@@ -172,3 +172,37 @@ def test_sheet_draws_one_cell_per_record(tokenizer, tmp_path):
     assert sheet.size[0] > 900 and sheet.size[1] > 3 * 128 - 1  # 3 columns, 3 rows
     # red ink: the wrong characters are marked
     assert any(px[0] > 180 and px[1] < 80 for px in np.asarray(sheet.convert("RGB")).reshape(-1, 3))
+
+
+def test_batched_generation_equals_one_by_one_on_a_trained_model(tokenizer, tmp_path, one_thread):
+    from nanovlm.dataloader import load_record_image, prompt_ids
+    from nanovlm.engine import Engine
+    records = load_records(write_dataset(str(tmp_path), ANSWERS))
+    model = train_on(tokenizer, records)
+    engine = Engine(model, tokenizer)
+    prompts, images = [], []
+    for i, record in enumerate(records):  # prompts of four different lengths
+        image = load_record_image(record)
+        prompts.append(prompt_ids(tokenizer, record["prompt"] + " please" * (2 * i), image, "resize:128"))
+        images.append([preprocess(image, "resize:128")])
+    assert len({len(p) for p in prompts}) == 4
+    one_by_one = [engine.generate_batch(p, images=im, max_tokens=20, temperature=0.0)[0][0][len(p):]
+                  for p, im in zip(prompts, images)]
+    assert engine.generate_many(prompts, images=images, max_tokens=20) == one_by_one
+    assert tokenizer.decode(one_by_one[0]) == ANSWERS[0]  # it reads, and each row stopped on its own
+
+
+def test_batched_generation_mixes_image_modes_and_text_only_rows(tokenizer, vlm, one_thread):
+    from nanovlm.dataloader import prompt_ids
+    from nanovlm.engine import Engine
+    engine = Engine(vlm, tokenizer)
+    picture = Image.effect_noise((300, 200), 50).convert("RGB")
+    small = prompt_ids(tokenizer, "<image>\nOCR this image.", picture, "resize:128")
+    tiled = prompt_ids(tokenizer, "<image>\nFree OCR.", picture, "gundam:128:256")
+    text = tokenizer.render_for_completion([{"role": "user", "content": "Hello there, how are you?"}])
+    rows = [(small, [preprocess(picture, "resize:128")]), (tiled, [preprocess(picture, "gundam:128:256")]),
+            (text, [])]
+    assert preprocess(picture, "gundam:128:256").tiles is not None
+    one_by_one = [engine.generate_batch(p, images=im, max_tokens=12, temperature=0.0)[0][0][len(p):]
+                  for p, im in rows]
+    assert engine.generate_many([p for p, _ in rows], images=[im for _, im in rows], max_tokens=12) == one_by_one

@@ -56,6 +56,12 @@ def test_ocr_streams_an_answer_and_draws_boxes(checkpoint, tmp_path):
               f"--boxes_out={boxes}")
     assert out.returncode == 0, out.stderr
     assert boxes.exists()
+    other = os.path.join(os.path.dirname(data), "images", "1.png")
+    out = run(base, "scripts.ocr", f"--image={image},{other}", "--model_tag=rand", "--max_new_tokens=5",
+              f"--boxes_out={tmp_path / 'boxes'}")
+    assert out.returncode == 0, out.stderr
+    assert f"== {image}" in out.stdout and f"== {other}" in out.stdout  # one batch, each answer under its file
+    assert sorted(os.listdir(tmp_path / "boxes")) == ["0_boxes.png", "1_boxes.png"]
     out = run(base, "scripts.ocr", f"--image={image}", "--model_tag=rand", "--max_new_tokens=100000")
     assert out.returncode == 0, out.stderr
     assert "--max_new_tokens=100000 capped at" in out.stdout  # said, not silently cut
