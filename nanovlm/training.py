@@ -295,7 +295,8 @@ class Run:
     smooth_loss: float = 0.0
     total_time: float = 0.0  # seconds of training steps, evals excluded
     bad_steps: int = 0
-    flop_stages: dict = None  # for MFU, on GPUs whose peak we know
+    peak_flops: float = None  # the GPU's bf16 peak, for MFU; None where we do not know it
+    flop_stages: dict = None  # weights by FLOP stage, counted only when peak_flops is known
     metrics: dict = field(default_factory=dict)
 
     @property
@@ -339,7 +340,8 @@ def setup(cfg):
     run = Run(cfg, ddp, rank, world_size, device, checkpoint_dir, model, train_model, tokenizer, image_mode, adapter,
               optimizer, records, val_records, texts, max_tokens, device_batch_size, grad_accum,
               autocast_context(device.type), get_wandb(cfg["run"], "nanovlm", cfg, rank))
-    run.flop_stages = weight_elements_by_stage(model) if peak_flops(device) else None
+    run.peak_flops = peak_flops(device)
+    run.flop_stages = weight_elements_by_stage(model) if run.peak_flops else None
     if resume_step is not None:
         restore(run, resume_step)
     elif run.master:
@@ -439,8 +441,8 @@ def log_step(run, stats):
     if run.step - run.start_step > 2:
         run.total_time += stats["dt"]  # the first steps warm up the allocator and threads
     tok_per_sec = int(stats["tokens"] / stats["dt"])
-    peak = peak_flops(run.device)
-    mfu = f"{100 * stats['flops'] / stats['dt'] / peak:.2f}" if peak else "-"  # this rank's share of its GPU
+    # this rank's share of its GPU
+    mfu = f"{100 * stats['flops'] / stats['dt'] / run.peak_flops:.2f}" if run.peak_flops else "-"
     ctc_part = f" | ctc {stats['ctc']:.4f}" if stats["ctc"] is not None else ""
     n = run.cfg["num_iterations"]
     print0(f"step {run.step:05d}/{n:05d} ({100 * run.step / n:.2f}%) | loss {debiased:.6f}{ctc_part} | "
