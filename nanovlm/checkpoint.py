@@ -14,6 +14,7 @@ Other projects' weights (nanochat, DeepSeek-OCR, Hugging Face towers) come in th
 import json
 import os
 import re
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -149,7 +150,9 @@ def configs_from_meta(meta, source):
         if key not in meta:
             raise ValueError(f"{source}: not a nanovlm model checkpoint (no {key})")
     encoder_config = dict(meta["encoder_config"])
-    encoder_config["sam_global_blocks"] = tuple(encoder_config["sam_global_blocks"])  # JSON made it a list
+    for f in fields(DeepEncoderConfig):  # JSON made the tuples lists
+        if isinstance(f.default, tuple) and f.name in encoder_config:
+            encoder_config[f.name] = tuple(encoder_config[f.name])
     return GPTConfig(**meta["model_config"]), DeepEncoderConfig(**encoder_config), meta["image_token_id"]
 
 

@@ -59,6 +59,11 @@ class DeepEncoderConfig:
     # without affine (BatchNorm; running statistics at eval). It removes the part of the features that is the
     # same for every image, the "soft prompt" a from-scratch encoder otherwise collapses into.
     proj_norm_grid: tuple = ()
+    # sam_conv_stem: widths of stride-2 conv+BatchNorm+ReLU layers before the patch projection (at most
+    # log2(sam_patch_size) of them). A tiny SAM whose only view of the pixels is one 16x16 linear patch sat for
+    # thousands of steps on the CTC plateau (predicting character frequencies, not locating them), on some seeds
+    # for good; a conv stem sees strokes first and leaves that plateau within a few hundred steps.
+    sam_conv_stem: tuple = ()
     # ctc_rows: the SAM neck's height in rows at the training mode; > 0 adds a linear read-out of each neck column
     # into ctc_classes (bytes + a blank) for an auxiliary CTC loss, so that SAM learns to see characters early.
     ctc_rows: int = 0
@@ -120,11 +125,26 @@ class LayerNorm2d(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, dim):
+    """
+    Pixels -> the patch grid, channels last. SAM's is one patch_size x patch_size conv. With stem widths (see
+    DeepEncoderConfig.sam_conv_stem) it is a small CNN first: each width a stride-2 3x3 conv, BatchNorm and ReLU,
+    then proj finishes the remaining stride (a 1x1 conv after four of them at patch 16).
+    """
+
+    def __init__(self, patch_size, dim, stem=()):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        layers, channels = [], 3
+        for width in stem:
+            layers += [nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        self.stem = nn.Sequential(*layers) if stem else None
+        rest = patch_size // 2 ** len(stem)
+        self.proj = nn.Conv2d(channels, dim, kernel_size=rest, stride=rest, bias=True)
 
     def forward(self, x):
+        if self.stem is not None:
+            x = self.stem(x)
         return self.proj(x).permute(0, 2, 3, 1)  # (B, H, W, C), channels last
 
 
@@ -271,7 +291,7 @@ class Sam(nn.Module):
     def __init__(self, config):
         super().__init__()
         grid = config.sam_image_size // config.sam_patch_size
-        self.patch_embed = PatchEmbed(config.sam_patch_size, config.sam_dim)
+        self.patch_embed = PatchEmbed(config.sam_patch_size, config.sam_dim, config.sam_conv_stem)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, config.sam_dim))  # channels last, like the checkpoint
         self.blocks = nn.ModuleList([
             SamBlock(config, 0 if i in config.sam_global_blocks else config.sam_window)
@@ -455,6 +475,8 @@ class DeepEncoder(nn.Module):
                 module.bias.zero_()
             elif isinstance(module, nn.BatchNorm1d):
                 module.reset_running_stats()  # buffers too: after to_empty() they hold whatever memory held
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_parameters()  # affine and running statistics
         self.sam.pos_embed.zero_()
         for block in self.sam.blocks:
             block.attn.rel_pos_h.zero_()

@@ -6,6 +6,7 @@ encoder turns each image into exactly N vectors in DeepSeek-OCR's layout, and th
 embeddings at the <|image|> positions, in order. The GPT then runs on the spliced embeddings (forward(embeds=)).
 """
 
+import math
 import re
 from dataclasses import asdict
 
@@ -24,8 +25,8 @@ from nanovlm.nf4 import param_elements
 TINY_GPT = dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 PRESETS = {
     "tiny": dict(gpt=TINY_GPT, encoder=dict(tiny=True), image_mode="resize:256", proj_norm=True, ctc=False),
-    "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4), image_mode="rect:1024:64", proj_norm=True,
-                  ctc=True),
+    "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4, sam_conv_stem=(16, 32, 32, 32)),
+                  image_mode="rect:1024:64", proj_norm=True, ctc=True),
     "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(),
                 image_mode="base", proj_norm=False, ctc=False),
 }
@@ -195,6 +196,8 @@ class VLM(nn.Module):
             patches = geometry.patches_per_side(height) * geometry.patches_per_side(width)
             net_2 = geometry.tokens_per_side(height, convs=1) * geometry.tokens_per_side(width, convs=1)
             grid = geometry.tokens_per_side(height) * geometry.tokens_per_side(width)
+            for i in range(len(geometry.sam_conv_stem)):  # stem layer i runs at 1/2^(i+1) of the pixels per side
+                positions[f"sam_stem{i}"] += math.ceil(height / 2 ** (i + 1)) * math.ceil(width / 2 ** (i + 1))
             for stage, count in (("sam", patches), ("sam_ctc", geometry.patches_per_side(width)), ("net_2", net_2),
                                  ("net_3", grid), ("clip", grid + 1), ("projector", grid),
                                  ("token_ctc", geometry.tokens_per_side(width))):
@@ -218,7 +221,7 @@ class VLM(nn.Module):
 # position tables, SAM's rel-pos tables, CLIP's class token) and CLIP's patch conv, which never runs here
 NOT_MATMUL = r"gpt\.transformer\.wte\.weight|encoder\.sam\.pos_embed|.*\.rel_pos_[hw]|" \
              r"encoder\.clip\.embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"
-ENCODER_ORDER = ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
+ENCODER_ORDER = [f"sam_stem{i}" for i in range(8)] + ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
 
 
 def flop_stage(name):
@@ -230,6 +233,9 @@ def flop_stage(name):
         return "net_2" if ".net_2." in name else "net_3"
     if component == "sam" and ".ctc_head." in name:
         return "sam_ctc"
+    if component == "sam" and ".patch_embed.stem." in name:  # stem.{3i, 3i+1} = layer i's conv, BatchNorm
+        layer = int(re.search(r"\.stem\.(\d+)\.", name).group(1)) // 3
+        return f"sam_stem{layer}"
     if component == "projector" and ".token_ctc_head." in name:
         return "token_ctc"
     if component == "gpt_matrices":

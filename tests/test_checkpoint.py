@@ -156,3 +156,14 @@ def test_corrupt_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         find_last_step(tmp_path / "empty")
+
+
+def test_encoder_tuples_survive_the_json_meta():
+    """Tuple fields (global blocks, the conv stem, the norm grid) come back as tuples, so the rebuilt config
+    equals the saved one."""
+    import json
+    from nanovlm.checkpoint import configs_from_meta
+    from nanovlm.vlm import build_vlm, model_meta, preset_configs
+    gpt_config, encoder_config, _ = preset_configs("lines", 300)
+    meta = json.loads(json.dumps(model_meta(build_vlm(gpt_config, encoder_config, 5, device="meta", init=False))))
+    assert configs_from_meta(meta, "test")[1] == encoder_config

@@ -127,3 +127,28 @@ def test_training_flops_equal_a_hand_count(tokenizer):
     qlora = 2 * sum(e * n for e, n in encoder_positions) + (4 * block + 6 * lora) * 2 * rows * T + \
         4 * lm_head * scored
     assert model.training_flops(rows, T, views, scored) == qlora + attention
+
+
+def test_conv_stem_runs_at_its_own_resolutions(tokenizer):
+    """A conv stem (the lines preset's) keeps the patch grid, and each of its layers counts at its own size."""
+    from nanovlm.deepencoder import DeepEncoderConfig
+    from nanovlm.gpt import GPTConfig
+    from nanovlm.vlm import build_vlm
+
+    V = tokenizer.get_vocab_size()
+    gpt_config = GPTConfig(sequence_len=64, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    plain = build_vlm(gpt_config, DeepEncoderConfig.tiny(out_dim=32), 3)
+    stem = build_vlm(gpt_config, DeepEncoderConfig.tiny(out_dim=32, sam_conv_stem=(4, 8)), 3)
+    pixels = torch.randn(2, 3, 64, 128)
+    assert stem.encoder.sam(pixels).shape == plain.encoder.sam(pixels).shape
+    views, rows, T, scored = [(64, 128)], 1, 10, 5
+    # layer 0: 3->4 channels (conv 108 + BatchNorm 8) at 32x64; layer 1: 4->8 (288 + 16) at 16x32; the patch
+    # projection shrinks from 16x16x3 to 4x4x8 inputs per patch, at the same 4x8 patches
+    extra = 116 * 32 * 64 + 304 * 16 * 32 + 32 * (4 * 4 * 8 - 16 * 16 * 3) * 4 * 8
+    assert stem.training_flops(rows, T, views, scored) - plain.training_flops(rows, T, views, scored) == 6 * extra
+
+
+def test_lines_preset_has_the_stem_and_reads_in_its_mode():
+    from nanovlm.vlm import preset_configs
+    _, encoder_config, mode = preset_configs("lines", 300)
+    assert encoder_config.sam_conv_stem and str(mode) == "rect:1024:64"
