@@ -25,7 +25,7 @@ from nanovlm.nf4 import param_elements
 TINY_GPT = dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 PRESETS = {
     "tiny": dict(gpt=TINY_GPT, encoder=dict(tiny=True), image_mode="resize:256", proj_norm=True, ctc=False),
-    "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4, sam_conv_stem=(16, 32, 32, 32)),
+    "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4, sam_conv_stem=(8, 16, 32)),
                   image_mode="rect:1024:64", proj_norm=True, ctc=True),
     "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(),
                 image_mode="base", proj_norm=False, ctc=False),
