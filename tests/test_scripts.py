@@ -126,3 +126,15 @@ def test_tier1_sh_runs_on_another_set_and_writes_the_summary(tokenizer, tmp_path
     missing = subprocess.run(["bash", "scripts/tier1.sh", "--data=nowhere.json"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "nowhere.json: no such file" in missing.stdout
+
+
+def test_sam_ctc_probe_trains_the_read_out(tmp_path):
+    """The probe runs with and without the conv stem, lowers the CTC loss, and names where it stands at the end."""
+    for stem in ("preset", "none"):
+        out = run(tmp_path, "scripts.sam_ctc_probe", "--steps=4", "--batch_size=2", "--log_every=1",
+                  f"--conv_stem={stem}")
+        assert out.returncode == 0, out.stderr
+        losses = [float(line.split("| ctc ")[1].split()[0]) for line in out.stdout.splitlines() if "| ctc " in line]
+        assert len(losses) == 4 and losses[-1] < losses[0]
+        assert ("conv stem none" in out.stdout) == (stem == "none")
+        assert "after 4 steps: not below 3.0" in out.stdout
