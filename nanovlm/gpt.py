@@ -32,15 +32,21 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def rotary_tables(cos, sin, dtype):
+    """The (.., D/2) cos and sin tables widened to the whole head dim for apply_rotary_emb, in x's dtype: made
+    once per forward, shared by every layer."""
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
+
+
 def apply_rotary_emb(x, cos, sin):
-    # x: (B, T, H, D). The head dim is split in halves (not interleaved pairs). The sign is nanochat's, the
-    # transpose of the usual rotate_half convention: trained weights depend on it, so do not "fix" it.
-    assert x.ndim == 4
-    d = x.shape[3] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    y1 = x1 * cos + x2 * sin
-    y2 = x2 * cos - x1 * sin  # = x1 * (-sin) + x2 * cos exactly (negation is exact), one op fewer
-    return torch.cat([y1, y2], 3).to(x.dtype)
+    """
+    x: (B, T, H, D); cos, sin from rotary_tables. The head dim is split in halves (not interleaved pairs), and
+    with x = [x1, x2] the result is [x1 cos + x2 sin, x2 cos - x1 sin]: nanochat's sign, the transpose of the usual
+    rotate_half convention (trained weights depend on it, so do not "fix" it). Computed as x * [cos, cos] +
+    [x2, x1] * [sin, -sin]: the same roundings bit for bit (a - b is a + (-b) exactly), in four ops, not nine.
+    """
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -58,12 +64,29 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+        self._qkv = None  # (which weights it was built from, their concatenation): see project_qkv
+
+    def project_qkv(self, x):
+        """
+        The q, k and v projections. Without autograd and with plain Linear layers (not 4-bit, no adapters), one
+        matmul against the three weights concatenated: a decode step multiplies a single row, so three calls cost
+        three times the overhead of one. The concatenation is cached until a weight is replaced or changed.
+        """
+        layers = (self.c_q, self.c_k, self.c_v)
+        if torch.is_grad_enabled() or any(type(layer) is not nn.Linear for layer in layers):
+            return [layer(x) for layer in layers]
+        key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer in layers)
+        if self._qkv is None or self._qkv[0] != key:
+            self._qkv = (key, torch.cat([layer.weight for layer in layers]))
+        kv_width = self.n_kv_head * self.head_dim
+        return F.linear(x, self._qkv[1]).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
 
     def forward(self, x, cos_sin, kv_cache):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         # rotary, then QK-norm, on q and k in one pass: the same per-head arithmetic as two, half the calls (a
         # decode step is all call overhead at small sizes)
@@ -155,25 +178,32 @@ class KVCache:
 
     def insert_kv(self, layer_idx, k, v):
         if self.cache is None:
-            self.cache = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+            self.set_cache(torch.empty(self.shape, dtype=k.dtype, device=k.device))
         t0, t1 = self.pos, self.pos + k.size(2)
         if t1 > self.cache.size(4):
             # grow (rare: the engine sizes the cache for the whole generation up front)
             grow_to = (t1 + 1024 + 1023) // 1024 * 1024
             extra = list(self.cache.shape)
             extra[4] = grow_to - self.cache.size(4)
-            self.cache = torch.cat([self.cache, self.cache.new_empty(extra)], dim=4)
-        self.cache[layer_idx, 0, :, :, t0:t1] = k
-        self.cache[layer_idx, 1, :, :, t0:t1] = v
-        if layer_idx == self.cache.size(0) - 1:
+            self.set_cache(torch.cat([self.cache, self.cache.new_empty(extra)], dim=4))
+        keys, values = self.layers[layer_idx]
+        keys.narrow(2, t0, t1 - t0).copy_(k)
+        values.narrow(2, t0, t1 - t0).copy_(v)
+        if layer_idx == len(self.layers) - 1:
             self.pos = t1
-        return self.cache[layer_idx, 0, :, :, :t1], self.cache[layer_idx, 1, :, :, :t1]
+        return keys.narrow(2, 0, t1), values.narrow(2, 0, t1)
+
+    def set_cache(self, cache):
+        """Hold `cache` and each layer's (keys, values) views of it, (B, H, T, D) each: a decode step then slices
+        once per tensor instead of indexing through five dimensions."""
+        self.cache = cache
+        self.shape = tuple(cache.shape)
+        self.layers = [(cache[i, 0], cache[i, 1]) for i in range(cache.size(0))]
 
     def expand_batch(self, batch_size):
         """Fan a batch-1 cache out to batch_size identical rows (prefill once, then sample several)."""
         assert self.cache is not None and self.cache.size(2) == 1, "expand_batch needs a filled batch-1 cache"
-        self.cache = self.cache.repeat(1, 1, batch_size, 1, 1, 1)
-        self.shape = tuple(self.cache.shape)
+        self.set_cache(self.cache.repeat(1, 1, batch_size, 1, 1, 1))
 
 
 class GPT(nn.Module):
@@ -284,7 +314,7 @@ class GPT(nn.Module):
             cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         # the bf16 tables in x's dtype once here, not at each of the layers' rotary products (the same values: the
         # products would promote them to x's dtype anyway)
-        cos_sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos_sin = rotary_tables(cos, sin, x.dtype)
 
         x = norm(x)
         for block in self.transformer.h:

@@ -119,3 +119,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(idx, targets).backward()
     for g, r in zip((p.grad for p in model.parameters()), ref):
         assert torch.allclose(g, r, atol=1e-6)
+
+
+def test_rotary_in_four_ops_equals_the_split_halves_bit_for_bit():
+    from nanovlm.gpt import apply_rotary_emb, rotary_tables
+    cos, sin = torch.randn(1, 5, 1, 8).bfloat16(), torch.randn(1, 5, 1, 8).bfloat16()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 5, 3, 16).to(dtype)
+        c, s = cos.to(dtype), sin.to(dtype)
+        x1, x2 = x[..., :8], x[..., 8:]
+        halves = torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], dim=3)  # nanochat's formula
+        assert torch.equal(apply_rotary_emb(x, *rotary_tables(cos, sin, dtype)), halves)
+
+
+def test_fused_qkv_at_inference_follows_weight_changes():
+    """Without autograd, q/k/v come from one matmul against the concatenated weights; the concatenation is rebuilt
+    when a weight changes in place or is replaced, and training (autograd on) uses the three layers."""
+    model = tiny_gpt()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 3, 64)
+    separate = [layer(x) for layer in (attn.c_q, attn.c_k, attn.c_v)]
+    with torch.no_grad():
+        for fused, plain in zip(attn.project_qkv(x), separate):
+            assert torch.allclose(fused, plain, atol=1e-6)
+        attn.c_k.weight.mul_(2)  # in place: the cached concatenation is stale
+        assert torch.allclose(attn.project_qkv(x)[1], 2 * separate[1], atol=1e-5)
+        model.load_state_dict(tiny_gpt(seed=1).state_dict())
+        assert torch.allclose(attn.project_qkv(x)[0], attn.c_q(x), atol=1e-6)
+    q, _, _ = attn.project_qkv(x)
+    assert q.requires_grad and attn.c_q.weight.grad is None
+    q.sum().backward()
+    assert attn.c_q.weight.grad is not None
