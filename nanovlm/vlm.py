@@ -91,6 +91,16 @@ def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
     return gpt_config, encoder_config, image_mode
 
 
+def ctc_loss(log_probs, texts):
+    """CTC of one read-out's (steps, B, classes) log-probabilities against each row's text bytes (class 0 is the
+    blank, byte b is class b + 1), every row using all steps. Impossible alignments (text longer than the steps)
+    count zero instead of infinity."""
+    T, B = log_probs.shape[:2]
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+    flat = torch.cat([t.to(torch.long) + 1 for t in texts]).to(log_probs.device)
+    return F.ctc_loss(log_probs, flat, torch.full((B,), T, dtype=torch.long), lengths, blank=0, zero_infinity=True)
+
+
 class VLM(nn.Module):
     def __init__(self, gpt, encoder, image_token_id):
         super().__init__()
@@ -168,12 +178,8 @@ class VLM(nn.Module):
             heads.append(self.encoder.sam.ctc_logits(torch.stack(necks)))
         if config.token_ctc_split > 0:
             heads.append(self.encoder.token_ctc_logits(torch.stack(grids)))
-        lengths = torch.tensor([len(t) for t in ctc_targets], dtype=torch.long)
-        flat = torch.cat([t.to(torch.long) + 1 for t in ctc_targets])
-        for log_probs in heads:  # (T, B, classes)
-            T, B = log_probs.shape[:2]
-            loss = loss + F.ctc_loss(log_probs, flat.to(log_probs.device), torch.full((B,), T, dtype=torch.long),
-                                     lengths, blank=0, zero_infinity=True)
+        for log_probs in heads:
+            loss = loss + ctc_loss(log_probs, ctc_targets)
         return loss
 
     def training_flops(self, rows, seq_len, views, scored_tokens, stages=None):
@@ -221,7 +227,7 @@ class VLM(nn.Module):
 # position tables, SAM's rel-pos tables, CLIP's class token) and CLIP's patch conv, which never runs here
 NOT_MATMUL = r"gpt\.transformer\.wte\.weight|encoder\.sam\.pos_embed|.*\.rel_pos_[hw]|" \
              r"encoder\.clip\.embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"
-ENCODER_ORDER = [f"sam_stem{i}" for i in range(8)] + ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
+ENCODER_ORDER = ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
 
 
 def flop_stage(name):
@@ -256,7 +262,8 @@ def weight_elements_by_stage(model):
             stage, elements = flop_stage(name), param_elements(module, pname, p)
             trainable, frozen = counts.get(stage, (0, 0))
             counts[stage] = (trainable + elements, frozen) if p.requires_grad else (trainable, frozen + elements)
-    order = ENCODER_ORDER + sorted(s for s in counts if s.startswith("gpt_h")) + ["lm_head"]
+    order = sorted(s for s in counts if s.startswith("sam_stem")) + ENCODER_ORDER + \
+        sorted(s for s in counts if s.startswith("gpt_h")) + ["lm_head"]
     return {stage: counts[stage] for stage in order if stage in counts}
 
 

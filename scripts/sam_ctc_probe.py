@@ -13,14 +13,13 @@ per character, is the read-out guessing character frequencies without locating t
 import time
 
 import torch
-import torch.nn.functional as F
 
 from configurator import configure
 from nanovlm.common import print0
 from nanovlm.deepencoder import DeepEncoder
 from nanovlm.image_process import preprocess
 from nanovlm.synth import make_sample
-from nanovlm.vlm import preset_configs
+from nanovlm.vlm import ctc_loss, preset_configs
 
 seed = 0  # initialisation seed; the lines are always line2's training stream of data seed 1, as in lines.sh
 steps = 1000
@@ -49,12 +48,12 @@ print0(f"SAM of the lines preset, conv stem {encoder_config.sam_conv_stem or 'no
 
 
 def line_batch(first):
-    """batch_size line2 training lines from index `first`: pixels (B, 3, H, W) and their texts as CTC classes."""
+    """batch_size line2 training lines from index `first`: pixels (B, 3, H, W) and their texts' bytes."""
     pixels, texts = [], []
     for index in range(first, first + batch_size):
         record, image = make_sample("line2", 1, "train", index)
         pixels.append(preprocess(image, mode).global_view)
-        texts.append(torch.tensor(list(record["answer"].encode("utf-8"))) + 1)  # class 0 is the blank
+        texts.append(torch.tensor(list(record["answer"].encode("utf-8"))))
     return torch.stack(pixels), texts
 
 
@@ -63,8 +62,7 @@ for step in range(steps):
     pixels, texts = line_batch(step * batch_size)
     _, neck = sam(pixels, return_neck=True)
     log_probs = sam.ctc_logits(neck)  # (columns, B, classes)
-    loss = F.ctc_loss(log_probs, torch.cat(texts), torch.full((len(texts),), log_probs.size(0)),
-                      torch.tensor([len(t) for t in texts]), blank=0, zero_infinity=True)
+    loss = ctc_loss(log_probs, texts)
     for group in optimizer.param_groups:
         group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
     optimizer.zero_grad(set_to_none=True)
