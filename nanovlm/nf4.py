@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanovlm.common import Linear
+
 # The 16 NF4 levels as bitsandbytes stores them. Regenerating them from the normal quantiles agrees only to 1e-7,
 # so the fp32 literals are the definition. Index 7 is an exact zero.
 NF4_LEVELS = [
@@ -459,8 +461,9 @@ def quantize_model(model, include=None, exclude=r"lm_head", blocksize=64, double
     """
     names = []
     for name, module in list(model.named_modules()):
-        # exact type: subclasses (e.g. inside nn.MultiheadAttention) read .weight directly and would break
-        if type(module) is not nn.Linear or name.rpartition(".")[2] in ("lora_A", "lora_B"):
+        # nn.Linear or the encoder's Linear (same forward contract); other subclasses (e.g. inside
+        # nn.MultiheadAttention) read .weight directly and would break
+        if type(module) not in (nn.Linear, Linear) or name.rpartition(".")[2] in ("lora_A", "lora_B"):
             continue
         if (include is not None and not name_matches(include, name)) or (exclude and name_matches(exclude, name)):
             continue

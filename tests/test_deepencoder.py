@@ -12,9 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import nanovlm.common as common
+import nanovlm.deepencoder as deepencoder
+from nanovlm.common import Linear
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig, SamBlock, rel_pos_terms, \
-    rel_pos_attention_dense, rel_pos_attention_folded
+    rel_pos_attention_chunked, rel_pos_attention_dense, rel_pos_attention_folded
 from nanovlm.image_process import count_image_tokens, preprocess
+from nanovlm.nf4 import quantize_model
 
 KEYS_FILE = os.path.join(os.path.dirname(__file__), "deepencoder_keys.txt")
 PREFIXES = [("model.sam_model.", "sam."), ("model.vision_model.", "clip."), ("model.projector.", "projector."),
@@ -147,7 +151,7 @@ def naive_block(x, block, mask_padding=False):
 # -----------------------------------------------------------------------------
 # SAM
 
-@pytest.mark.parametrize("impl", ["folded", "dense"])
+@pytest.mark.parametrize("impl", ["folded", "dense", "chunked", "auto"])
 @pytest.mark.parametrize("grid,table_len", [(5, 9), (6, 11), (7, 31), (4, 31)])
 def test_rel_pos_attention_matches_reference(impl, grid, table_len):
     torch.manual_seed(grid)
@@ -175,12 +179,52 @@ def test_folded_and_dense_agree_with_gradients():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_window_padding_is_after_norm1_and_not_masked(tiny):
+@pytest.mark.parametrize("chunk", [7, 36, 1024])
+def test_chunked_rel_pos_attention_is_the_dense_one(chunk):
+    """Blocks of queries that do not divide the grid (7), exactly one block per head (36), one short block."""
+    torch.manual_seed(chunk)
+    B, nh, H, W, hd = 2, 3, 4, 9, 16
+    q, k, v = (torch.randn(B, nh, H * W, hd) for _ in range(3))
+    rel_h, rel_w = rel_pos_terms(q, torch.randn(2 * H - 1, hd), torch.randn(2 * W - 1, hd), H, W)
+    torch.testing.assert_close(rel_pos_attention_chunked(q, k, v, rel_h, rel_w, H, W, chunk=chunk),
+                               rel_pos_attention_dense(q, k, v, rel_h, rel_w, H, W), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_rel_pos_picks_by_autograd_and_size(tiny, monkeypatch):
+    """auto: folded while autograd records (training), the dense mask for small grids and windows, chunked for
+    large global grids; every choice gives the same block output."""
+    block = tiny.sam.blocks[1]  # global
+    assert block.attn.rel_pos_impl == "auto"
+    called = []
+    for name in ("folded", "dense", "chunked"):
+        function = getattr(deepencoder, f"rel_pos_attention_{name}")
+        monkeypatch.setattr(deepencoder, f"rel_pos_attention_{name}",
+                            lambda *a, _f=function, _n=name, **k: called.append(_n) or _f(*a, **k))
+    small, large = torch.randn(1, 8, 8, 32), torch.randn(1, 40, 40, 32)
+    outputs = {}
+    for x in (small, large):
+        with torch.no_grad():
+            outputs[x.shape[1], "no grad"] = block(x)
+        outputs[x.shape[1], "grad"] = block(x).detach()
+    assert called == ["dense", "folded", "chunked", "folded"]
+    for size in (8, 40):
+        torch.testing.assert_close(outputs[size, "no grad"], outputs[size, "grad"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_window_padding_is_after_norm1_and_not_masked(tiny, grad):
+    """With and without autograd (folded vs the dense mask); the padding's q, k, v come from qkv(0), not from a
+    matmul over padded rows."""
     block = tiny.sam.blocks[0]
     assert block.window == 6
     x = torch.randn(2, 8, 8, 32)  # 8 -> padded to 12: four 6x6 windows, most of them partly padding
+    qkv_inputs = []
+    hook = block.attn.qkv.register_forward_hook(lambda module, args, out: qkv_inputs.append(tuple(args[0].shape)))
+    with torch.set_grad_enabled(grad):
+        ours = block(x).detach()
+    hook.remove()
+    assert qkv_inputs == [(2, 8, 8, 32), (32,)]  # the real rows, then one zero token for the padding
     with torch.no_grad():
-        ours = block(x)
         torch.testing.assert_close(ours, naive_block(x, block), atol=1e-5, rtol=1e-5)
         # the padding matters: masking it out would give another answer
         assert (ours - naive_block(x, block, mask_padding=True)).abs().max() > 1e-3
@@ -331,3 +375,41 @@ def test_encode_images_batches_like_one_at_a_time(tiny):
         together = tiny.encode_images(pres)
         for pre, seq in zip(pres, together):
             torch.testing.assert_close(seq, tiny.encode_image(*pre), atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the encoder's Linear: oneDNN for large no-grad fp32 products on CPU, F.linear otherwise
+
+def ran_onednn(fn):
+    from torch.profiler import profile
+    with profile() as prof:
+        out = fn()
+    return out, any("_linear_pointwise" in event.name for event in prof.events())
+
+
+@pytest.mark.skipif(not common.onednn_linear_available(), reason="this torch build has no oneDNN linear op")
+def test_linear_takes_onednn_only_where_it_may(monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(256, 512)
+    big, small = torch.randn(3, 40, 256), torch.randn(2, 256)  # 3*40*256*512 >= ONEDNN_MIN_WORK > 2*256*512
+    expected = F.linear(big, layer.weight, layer.bias)
+    with torch.no_grad():
+        out, used = ran_onednn(lambda: layer(big))
+        assert used and out.shape == (3, 40, 512)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert not ran_onednn(lambda: layer(small))[1]  # a decode-sized product stays with F.linear
+        monkeypatch.setattr(common, "CPU_ONEDNN_LINEAR", False)
+        out_off, used_off = ran_onednn(lambda: layer(big))
+        assert not used_off and torch.equal(out_off, expected)
+    monkeypatch.setattr(common, "CPU_ONEDNN_LINEAR", True)
+    out, used = ran_onednn(lambda: layer(big))  # autograd records: the differentiable path
+    assert not used and out.grad_fn is not None
+    out.sum().backward()
+    assert layer.weight.grad.shape == (512, 256)
+
+
+def test_linear_is_an_nn_linear_for_checkpoints_lora_and_4bit(tiny):
+    assert Linear(4, 8).state_dict().keys() == torch.nn.Linear(4, 8).state_dict().keys()
+    quantized = quantize_model(tiny, include=r"sam\.blocks\.0\..*")
+    assert quantized == ["sam.blocks.0.attn.qkv", "sam.blocks.0.attn.proj", "sam.blocks.0.mlp.lin1",
+                         "sam.blocks.0.mlp.lin2"]
