@@ -1,6 +1,6 @@
 """
 Things every script needs: where outputs go, which device to use, torchrun/DDP set-up, rank-0 printing, wandb;
-and the Linear layer the encoder is built from.
+and the Linear layer the models are built from.
 """
 
 import contextlib
@@ -169,19 +169,20 @@ CPU_ONEDNN_LINEAR = onednn_linear_available()
 ONEDNN_MIN_WORK = 1 << 20  # rows x in x out: below it (a decode step's few rows) MKL's lower call overhead wins
 
 
+def linear(x, weight, bias=None):
+    """F.linear, through oneDNN for large fp32 products on CPU when no gradient is needed: 2.1-2.6x MKL's speed on
+    the SAM and CLIP shapes on an AVX-512 AMD CPU, the same product to fp32 round-off. Anything else (autograd,
+    autocast, CUDA, other dtypes, small products) is plain F.linear."""
+    if (CPU_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.numel() * weight.shape[0] >= ONEDNN_MIN_WORK and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """
-    nn.Linear (same parameters, same state dict, same LoRA and 4-bit handling) whose large fp32 products on CPU
-    run through oneDNN when no gradient is needed: 2.1-2.6x MKL's speed on the SAM and CLIP shapes on an AVX-512
-    AMD CPU, the same product to fp32 round-off. Anything else (autograd, autocast, CUDA, other dtypes, small
-    products) is plain F.linear.
-    """
+    """nn.Linear (same parameters, same state dict, same LoRA and 4-bit handling) whose forward is `linear`."""
 
     def forward(self, x):
-        weight, bias = self.weight, self.bias
-        if (CPU_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-                and x.numel() * weight.shape[0] >= ONEDNN_MIN_WORK and not torch.is_autocast_enabled("cpu")
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                      or (bias is not None and bias.requires_grad)))):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return F.linear(x, weight, bias)
+        return linear(x, self.weight, self.bias)

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanovlm.common import Linear, linear
+
 
 @dataclass
 class GPTConfig:
@@ -60,10 +62,10 @@ class CausalSelfAttention(nn.Module):
         assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} not divisible by n_head {self.n_head}"
         assert self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0, \
             f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"
-        self.c_q = nn.Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+        self.c_q = Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = Linear(self.n_embd, self.n_embd, bias=False)
         self._qkv = None  # (which weights it was built from, their concatenation): see project_qkv
 
     def project_qkv(self, x):
@@ -73,13 +75,13 @@ class CausalSelfAttention(nn.Module):
         three times the overhead of one. The concatenation is cached until a weight is replaced or changed.
         """
         layers = (self.c_q, self.c_k, self.c_v)
-        if torch.is_grad_enabled() or any(type(layer) is not nn.Linear for layer in layers):
+        if torch.is_grad_enabled() or any(type(layer) is not Linear for layer in layers):
             return [layer(x) for layer in layers]
         key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer in layers)
         if self._qkv is None or self._qkv[0] != key:
             self._qkv = (key, torch.cat([layer.weight for layer in layers]))
         kv_width = self.n_kv_head * self.head_dim
-        return F.linear(x, self._qkv[1]).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
+        return linear(x, self._qkv[1]).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
 
     def forward(self, x, cos_sin, kv_cache):
         B, T, C = x.size()
@@ -119,8 +121,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
@@ -214,7 +216,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # rotary tables for 10x the training length, so generation can run past it; not saved in checkpoints
         self.rotary_seq_len = config.sequence_len * 10
         head_dim = config.n_embd // config.n_head

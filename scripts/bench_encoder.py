@@ -1,7 +1,7 @@
 """
 DeepEncoder forward time and peak memory per image mode on this machine (CUDA if present, else CPU), one image
-and a batch of images, then the cost of SAM's relative positions in a global block: the reference's dense
-(B, 12, HW, HW) bias against the folded form the encoder uses, measured in the same run.
+and a batch of images; where that time goes, stage by stage; what each of the encoder's speed choices is worth,
+measured in the same run; and SAM's relative positions in one global block in the three exact forms.
 
     python -m scripts.bench_encoder                                  # real sizes; on CPU only tiny/small/base
     python -m scripts.bench_encoder --modes=base,gundam --batch=8
@@ -9,7 +9,10 @@ and a batch of images, then the cost of SAM's relative positions in a global blo
 
 Peak memory is what a call allocates above what was allocated before it (weights and inputs excluded): CUDA's
 allocator statistics, or on CPU the running total of the profiler's allocation events. A Gundam row encodes a
-portrait page (1000x1400: a 1024 global view and 2x3 tiles of 640).
+portrait page (1000x1400: a 1024 global view and 2x3 tiles of 640). The stage table times one image per mode by
+module hooks ("other" is the rest: position tables, the concat, the token layout). The switch comparison runs
+the encoder with and without one choice, interleaved, best of max(repeats, 2), on one image of switch_mode:
+oneDNN for the linear layers on CPU (nanovlm.common.Linear) and the rel-pos form picked by "auto".
 """
 
 import json
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import nanovlm.common as common
 from nanovlm.common import autocast_context, autodetect_device_type
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig, SamBlock
 from nanovlm.image_process import count_image_tokens, preprocess, resolve_mode
@@ -29,7 +33,8 @@ config = "full"  # full (DeepSeek-OCR sizes) or tiny
 modes = ""  # comma-separated image modes; "" = tiny,small,base,large,gundam (CPU: tiny,small,base)
 batch = 4  # images in the batched row (CPU default: 2 when left at 4)
 repeats = 0  # timed calls per row, median reported; 0 = 10 on CUDA, 1 on CPU
-rel_pos_modes = "base,large"  # image modes whose size the dense-vs-folded comparison uses; "" skips it (CPU: base)
+rel_pos_modes = "base,large"  # image modes whose size the rel-pos comparison uses; "" skips it (CPU: base)
+switch_mode = "base"  # image mode of the speed-switch comparison; "" skips it
 device_type = ""  # cuda, cpu, or "" to autodetect
 threads = 0  # CPU threads; 0 = torch's default
 from configurator import configure  # noqa: E402
@@ -140,15 +145,106 @@ print(f"{'mode':<16} {'views (px)':<14} {'tokens':>6} {'batch':>5} {'ms/call':>9
 for mode, views, tokens, n, ms, ms_image, peak in rows:
     print(f"{mode:<16} {views:<14} {tokens:>6} {n:>5} {ms:>9.1f} {ms_image:>9.1f} {peak:>9.1f}")
 
+
 # -----------------------------------------------------------------------------
-# relative positions in one SAM global block: dense bias vs folded
+# where the time goes: module hooks around each stage, one image per mode
+
+def stage_of(name, module):
+    if name == "sam.patch_embed":
+        return "SAM patch embed"
+    if name.startswith("sam.blocks.") and name.count(".") == 2:
+        return "SAM windowed blocks" if module.window > 0 else "SAM global blocks"
+    return {"sam.neck": "SAM neck", "sam.net_2": "compressor (net_2, net_3)", "sam.net_3": "compressor (net_2, net_3)",
+            "clip": "CLIP", "projector": "projector"}.get(name)
+
+
+STAGES = ["SAM patch embed", "SAM windowed blocks", "SAM global blocks", "SAM neck", "compressor (net_2, net_3)",
+          "CLIP", "projector", "other", "total"]
+
+
+def stage_times(images):
+    """Milliseconds per stage of one encode_images call."""
+    spent, hooks = dict.fromkeys(STAGES, 0.0), []
+    for name, module in encoder.named_modules():
+        stage = stage_of(name, module)
+        if stage is None:
+            continue
+
+        def start(module, args):
+            sync()
+            module.started = time.perf_counter()
+
+        def stop(module, args, output, stage=stage):
+            sync()
+            spent[stage] += 1000 * (time.perf_counter() - module.started)
+
+        hooks += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast_context(device.type):
+        encoder.encode_images(images)
+    sync()
+    spent["total"] = 1000 * (time.perf_counter() - t0)
+    spent["other"] = spent["total"] - sum(spent[stage] for stage in STAGES[:-2])
+    for hook in hooks:
+        hook.remove()
+    return spent
+
+
+print()
+print("where the time goes, one image (ms):")
+per_mode = {mode: stage_times([tuple(t.to(device) if torch.is_tensor(t) else t for t in preprocess(page, mode))])
+            for mode in modes.split(",")}
+widths = [max(10, len(mode)) + 2 for mode in per_mode]
+print(f"{'stage':<26}" + "".join(f"{mode:>{w}}" for mode, w in zip(per_mode, widths)))
+for stage in STAGES:
+    print(f"{stage:<26}" + "".join(f"{spent[stage]:>{w}.1f}" for spent, w in zip(per_mode.values(), widths)))
+
+# -----------------------------------------------------------------------------
+# what each speed choice is worth: the encoder with and without it, interleaved
+
+
+def set_rel_pos(impl):
+    for block in encoder.sam.blocks:
+        block.attn.rel_pos_impl = impl
+
+
+SWITCHES = [("linears: oneDNN vs F.linear", lambda on: setattr(common, "CPU_ONEDNN_LINEAR", on),
+             on_cpu and common.CPU_ONEDNN_LINEAR),
+            ("rel-pos: auto vs folded", lambda on: set_rel_pos("auto" if on else "folded"), True),
+            ("rel-pos: auto vs dense", lambda on: set_rel_pos("auto" if on else "dense"), True)]
+
+if switch_mode:
+    image = [tuple(t.to(device) if torch.is_tensor(t) else t for t in preprocess(page, switch_mode))]
+    print()
+    print(f"speed choices, one {switch_mode} image, interleaved, best of {max(repeats, 2)}:")
+    print(f"{'choice':<30} {'with ms':>9} {'without ms':>11} {'ratio':>7} {'max |diff|':>10}")
+    for label, switch, applies in SWITCHES:
+        if not applies:
+            print(f"{label:<30} (does not apply here)")
+            continue
+        best, outputs = [float("inf"), float("inf")], [None, None]
+        for _ in range(max(repeats, 2)):
+            for i, on in enumerate((True, False)):
+                switch(on)
+                sync()
+                start = time.perf_counter()
+                with torch.no_grad(), autocast_context(device.type):
+                    outputs[i] = encoder.encode_images(image)[0].float()
+                sync()
+                best[i] = min(best[i], time.perf_counter() - start)
+            switch(True)
+        diff = (outputs[0] - outputs[1]).abs().max().item()
+        print(f"{label:<30} {1000 * best[0]:>9.1f} {1000 * best[1]:>11.1f} {best[0] / best[1]:>6.2f}x {diff:>10.2e}")
+
+# -----------------------------------------------------------------------------
+# relative positions in one SAM global block: the dense bias, folded, chunked
 
 if rel_pos_modes:
     print()
-    print(f"SAM global block ({encoder_config.sam_dim} wide, {encoder_config.sam_heads} heads), batch 1: "
-          f"relative positions as a dense (B, heads, HW, HW) bias vs folded into q/k channels")
-    print(f"{'size':>5} {'tokens':>6} {'pass':<8} {'dense MiB':>10} {'folded MiB':>10} {'ratio':>6} "
-          f"{'dense ms':>9} {'folded ms':>9} {'max |diff|':>10}")
+    print(f"SAM global block ({encoder_config.sam_dim} wide, {encoder_config.sam_heads} heads), batch 1: relative "
+          f"positions as a dense (B, heads, HW, HW) bias, folded into q/k channels, or added to blocks of scores")
+    print(f"{'size':>5} {'tokens':>6} {'pass':<8} {'form':<8} {'peak MiB':>9} {'ms':>9} {'max |diff| vs dense':>20}")
     torch.manual_seed(0)
     block = SamBlock(encoder_config, window=0).to(device)
     with torch.no_grad():
@@ -157,30 +253,28 @@ if rel_pos_modes:
     for size in [resolve_mode(m).global_size for m in rel_pos_modes.split(",")]:
         grid = size // encoder_config.sam_patch_size
         x = torch.randn(1, grid, grid, encoder_config.sam_dim, device=device)
-        results = {}
-        for impl in ("dense", "folded"):
-            block.attn.rel_pos_impl = impl
+        for label in ("fwd", "fwd+bwd"):
+            dense_out = None
+            # chunked is an inference form: with autograd it keeps every probability, like dense
+            for impl in ("dense", "folded", "chunked") if label == "fwd" else ("dense", "folded"):
+                block.attn.rel_pos_impl = impl
 
-            def forward():
-                with torch.no_grad(), autocast_context(device.type):
-                    return block(x)
+                def forward():
+                    with torch.no_grad(), autocast_context(device.type):
+                        return block(x)
 
-            def forward_backward():
-                with autocast_context(device.type):
-                    y = block(x.requires_grad_())
-                y.float().square().mean().backward()
-                x.grad = None
-                block.zero_grad(set_to_none=True)
+                def forward_backward():
+                    with autocast_context(device.type):
+                        y = block(x.requires_grad_())
+                    y.float().square().mean().backward()
+                    x.grad = None
+                    block.zero_grad(set_to_none=True)
 
-            if not on_cpu:
-                forward(), forward_backward()  # warm-up
-            out = forward().float()
-            results[impl] = dict(out=out,
-                                 forward=(peak_memory(forward), median_time(forward, repeats)),
-                                 backward=(peak_memory(forward_backward), median_time(forward_backward, repeats)))
-        diff = (results["dense"]["out"] - results["folded"]["out"]).abs().max().item()
-        for name in ("forward", "backward"):
-            (dense_peak, dense_s), (folded_peak, folded_s) = results["dense"][name], results["folded"][name]
-            label = "fwd" if name == "forward" else "fwd+bwd"
-            print(f"{size:>5} {grid * grid:>6} {label:<8} {mib(dense_peak):>10.1f} {mib(folded_peak):>10.1f} "
-                  f"{dense_peak / folded_peak:>5.1f}x {1000 * dense_s:>9.1f} {1000 * folded_s:>9.1f} {diff:>10.2e}")
+                run = forward if label == "fwd" else forward_backward
+                if not on_cpu:
+                    run()  # warm-up
+                out = forward().float()
+                dense_out = out if impl == "dense" else dense_out
+                diff = (out - dense_out).abs().max().item()
+                print(f"{size:>5} {grid * grid:>6} {label:<8} {impl:<8} {mib(peak_memory(run)):>9.1f} "
+                      f"{1000 * median_time(run, repeats):>9.1f} {diff:>20.2e}")

@@ -1,5 +1,6 @@
 import torch
 
+import nanovlm.common as common
 from nanovlm.gpt import GPT, GPTConfig, KVCache
 
 
@@ -150,3 +151,17 @@ def test_fused_qkv_at_inference_follows_weight_changes():
     assert q.requires_grad and attn.c_q.weight.grad is None
     q.sum().backward()
     assert attn.c_q.weight.grad is not None
+
+
+def test_logits_same_with_and_without_onednn_linears(monkeypatch):
+    """Inference routes the large products (here two 100-token rows: the fused q/k/v and the MLP) through oneDNN
+    where the build has it; the logits are F.linear's to fp32 round-off."""
+    gpt = tiny_gpt()
+    with torch.no_grad():
+        gpt.lm_head.weight.normal_(0, 0.5)
+    ids = torch.randint(0, 97, (2, 100))
+    with torch.no_grad():
+        fast = gpt(ids)
+        monkeypatch.setattr(common, "CPU_ONEDNN_LINEAR", False)
+        plain = gpt(ids)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
