@@ -11,7 +11,8 @@ overrides them:
     python -m scripts.vis_tok_train config/my_run.py --device_batch_size=8
 
 `--key=value` values are Python literals (strings may be left unquoted) and must have the type of the current
-value (an int may widen to a float, None accepts anything); booleans are `--flag=True` / `--flag=False`. A bare
+value (an int may widen to a float, a number given to a text setting stays text, None accepts anything);
+booleans are `--flag=True` / `--flag=False`. A bare
 argument is a config file: plain Python assignments, executed and then checked the same way. An unknown key or a
 wrong type stops the script with a message that names the key and lists the valid ones. The return value is the
 resolved config as a dict, for logging and for checkpoints.
@@ -82,7 +83,10 @@ def configure(scope, argv=None):
             raise SystemExit(f"config error: '{arg}' is not of the form --key=value")
         if key not in keys:
             raise unknown_key_error(key, keys)
-        scope[key] = checked(key, parse_value(text), scope[key])
+        value = parse_value(text)
+        if isinstance(scope[key], str) and type(value) in (int, float):
+            value = text  # a number given to a text setting is that text: --cases=640 means "640"
+        scope[key] = checked(key, value, scope[key])
         if os.environ.get("RANK", "0") == "0":
             print(f"Overriding: {key} = {scope[key]!r}")
     return {k: scope[k] for k in keys}

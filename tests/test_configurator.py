@@ -21,6 +21,10 @@ def test_int_widens_to_float_and_values_may_hold_equals():
     assert s["lr"] == 1.0 and type(s["lr"]) is float and s["run"] == "a=b"
     configure(s, ["--run=" + "word " * 3000])  # long free text: Python's parser gives up, the string stays
     assert s["run"] == "word " * 3000
+    configure(s, ["--run=640"])  # a number typed for a text setting is that text
+    assert s["run"] == "640"
+    configure(s, ["--run=1e-3"])
+    assert s["run"] == "1e-3"
 
 
 def test_unknown_key_names_it_and_lists_valid_ones():

@@ -138,3 +138,33 @@ def test_sam_ctc_probe_trains_the_read_out(tmp_path):
         assert len(losses) == 4 and losses[-1] < losses[0]
         assert ("conv stem none" in out.stdout) == (stem == "none")
         assert "after 4 steps: not below 3.0" in out.stdout
+
+
+# -----------------------------------------------------------------------------
+# the benchmarks, at their smallest: they run, compare like with like, and print what the README quotes
+
+def test_bench_encoder_tables_on_the_tiny_encoder(tmp_path):
+    out = run(tmp_path, "scripts.bench_encoder", "--config=tiny", "--modes=resize:128,gundam:128:256",
+              "--rel_pos_modes=pad:256", "--switch_mode=pad:256")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    total = next(line for line in lines if line.startswith("total"))
+    assert len(total.split()) == 3  # one column per mode
+    for choice in ("rel-pos: auto vs folded", "rel-pos: auto vs dense"):
+        row = next(line for line in lines if line.startswith(choice)).split()
+        assert row[-2].endswith("x") and float(row[-1]) < 1e-4  # ratio, and the same output
+    forms = [line.split()[3] for line in lines if line.startswith("  256")]
+    assert forms == ["dense", "folded", "chunked", "dense", "folded"]
+
+
+def test_bench_engine_checks_its_tokens_and_ends_with_the_batch_speedup(tmp_path):
+    out = run(tmp_path, "scripts.bench_engine", "--new_tokens=12", "--repeats=1", "--batch_records=3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "same tokens: engine vs naive True, batched vs one by one True" in lines
+    assert lines[-2].startswith("speedup ") and lines[-1].startswith("batch speedup ")
+
+
+def test_bench_deepseek_needs_the_reference_code(tmp_path):
+    out = run(tmp_path, "scripts.bench_deepseek", f"--reference_dir={tmp_path}")
+    assert out.returncode != 0 and "sam_vary_sdpa.py" in out.stderr
