@@ -166,15 +166,17 @@ def onednn_linear_available():
 # oneDNN (shipped with torch, used by its convolutions) reaches on the same cores. A switch so that the benchmark
 # and the tests can compare both.
 CPU_ONEDNN_LINEAR = onednn_linear_available()
-ONEDNN_MIN_WORK = 1 << 20  # rows x in x out: below it (a decode step's few rows) MKL's lower call overhead wins
+# oneDNN builds a kernel for each new input shape (0.3-0.5 ms here). A wide layer earns that back at once; a narrow
+# one never does when shapes keep changing (the tiny GPT re-reading a growing sequence ran 2.2x slower through it)
+ONEDNN_MIN_WIDTH = 512  # both in_features and out_features: the real encoder's and d20's layers, none of tiny's
 
 
 def linear(x, weight, bias=None):
-    """F.linear, through oneDNN for large fp32 products on CPU when no gradient is needed: 2.1-2.6x MKL's speed on
-    the SAM and CLIP shapes on an AVX-512 AMD CPU, the same product to fp32 round-off. Anything else (autograd,
-    autocast, CUDA, other dtypes, small products) is plain F.linear."""
+    """F.linear, through oneDNN for wide fp32 layers on CPU when no gradient is needed: 2.1-2.6x MKL's speed on the
+    SAM and CLIP shapes on an AVX-512 AMD CPU, 1.9x for a d20 decode step, the same product to fp32 round-off.
+    Anything else (autograd, autocast, CUDA, other dtypes, narrow layers) is plain F.linear."""
     if (CPU_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.numel() * weight.shape[0] >= ONEDNN_MIN_WORK and not torch.is_autocast_enabled("cpu")
+            and min(weight.shape) >= ONEDNN_MIN_WIDTH and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

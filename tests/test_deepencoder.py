@@ -390,22 +390,23 @@ def ran_onednn(fn):
 @pytest.mark.skipif(not common.onednn_linear_available(), reason="this torch build has no oneDNN linear op")
 def test_linear_takes_onednn_only_where_it_may(monkeypatch):
     torch.manual_seed(0)
-    layer = Linear(256, 512)
-    big, small = torch.randn(3, 40, 256), torch.randn(2, 256)  # 3*40*256*512 >= ONEDNN_MIN_WORK > 2*256*512
-    expected = F.linear(big, layer.weight, layer.bias)
+    layer, narrow = Linear(512, 640), Linear(128, 512)  # ONEDNN_MIN_WIDTH = 512 on both sides
+    x, row = torch.randn(3, 10, 512), torch.randn(1, 512)
+    expected = F.linear(x, layer.weight, layer.bias)
     with torch.no_grad():
-        out, used = ran_onednn(lambda: layer(big))
-        assert used and out.shape == (3, 40, 512)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-        assert not ran_onednn(lambda: layer(small))[1]  # a decode-sized product stays with F.linear
+        for inputs in (x, row):  # a decode step's single row too: its shape repeats, the kernel is reused
+            out, used = ran_onednn(lambda: layer(inputs))
+            assert used
+            torch.testing.assert_close(out, F.linear(inputs, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert not ran_onednn(lambda: narrow(x[..., :128]))[1]
         monkeypatch.setattr(common, "CPU_ONEDNN_LINEAR", False)
-        out_off, used_off = ran_onednn(lambda: layer(big))
+        out_off, used_off = ran_onednn(lambda: layer(x))
         assert not used_off and torch.equal(out_off, expected)
     monkeypatch.setattr(common, "CPU_ONEDNN_LINEAR", True)
-    out, used = ran_onednn(lambda: layer(big))  # autograd records: the differentiable path
+    out, used = ran_onednn(lambda: layer(x))  # autograd records: the differentiable path
     assert not used and out.grad_fn is not None
     out.sum().backward()
-    assert layer.weight.grad.shape == (512, 256)
+    assert layer.weight.grad.shape == (640, 512)
 
 
 def test_linear_is_an_nn_linear_for_checkpoints_lora_and_4bit(tiny):

@@ -154,14 +154,19 @@ def test_fused_qkv_at_inference_follows_weight_changes():
 
 
 def test_logits_same_with_and_without_onednn_linears(monkeypatch):
-    """Inference routes the large products (here two 100-token rows: the fused q/k/v and the MLP) through oneDNN
-    where the build has it; the logits are F.linear's to fp32 round-off."""
-    gpt = tiny_gpt()
+    """Inference routes the wide layers (512+ in and out: fused q/k/v, MLP, lm_head) through oneDNN where the build
+    has it; prefill and KV-cached decode logits are F.linear's to fp32 round-off."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=64, vocab_size=600, n_layer=1, n_head=4, n_kv_head=4, n_embd=512))
+    gpt.init_weights()
     with torch.no_grad():
-        gpt.lm_head.weight.normal_(0, 0.5)
-    ids = torch.randint(0, 97, (2, 100))
-    with torch.no_grad():
-        fast = gpt(ids)
-        monkeypatch.setattr(common, "CPU_ONEDNN_LINEAR", False)
-        plain = gpt(ids)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+        for p in gpt.parameters():
+            p.normal_(0, 0.05)
+    ids = torch.randint(0, 600, (2, 9))
+    logits = {}
+    for on in (True, False):
+        monkeypatch.setattr(common, "CPU_ONEDNN_LINEAR", on)
+        cache = KVCache(2, 4, 10, 128, 1)
+        with torch.no_grad():
+            logits[on] = torch.cat([gpt(ids, kv_cache=cache)[:, -1], gpt(ids[:, :1], kv_cache=cache)[:, -1]])
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
