@@ -12,7 +12,7 @@ sam_vary_sdpa.py, clip_sdpa.py and build_linear.py).
 The reference's modules get random weights (every tensor non-zero, so every term shows); they are written as a
 DeepSeek-OCR checkpoint (its key names) and read into our encoder by nanovlm.importers, the path real weights
 take. Cases: a 640 or 1024 px global view, and Gundam (a 1024 global view and 2x3 tiles of 640). The two encoders
-run interleaved, best of `repeats`, fp32, no autograd. The last line is `ratio N.NNN` for the last case (ours /
+run interleaved, best of `repeats`, on the CPU in fp32, no autograd. The last line is `ratio N.NNN` for the last case (ours /
 reference time).
 """
 
