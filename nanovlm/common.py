@@ -172,9 +172,10 @@ ONEDNN_MIN_WIDTH = 512  # both in_features and out_features: the real encoder's 
 
 
 def linear(x, weight, bias=None):
-    """F.linear, through oneDNN for wide fp32 layers on CPU when no gradient is needed: 2.1-2.6x MKL's speed on the
-    SAM and CLIP shapes on an AVX-512 AMD CPU (and the d20 GPT's), the same product to fp32 round-off.
-    Anything else (autograd, autocast, CUDA, other dtypes, narrow layers) is plain F.linear."""
+    """F.linear, through oneDNN for wide fp32 layers on CPU when no gradient is needed: about twice MKL's speed on
+    the SAM, CLIP and d20 shapes on an AVX-512 AMD CPU (scripts/bench_encoder times the encoder with and without),
+    the same product to fp32 round-off. Anything else (autograd, autocast, CUDA, other dtypes, narrow layers) is
+    plain F.linear."""
     if (CPU_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and min(weight.shape) >= ONEDNN_MIN_WIDTH and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
