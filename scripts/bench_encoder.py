@@ -116,6 +116,13 @@ print(f"device: {device_type}" + (f" ({torch.cuda.get_device_name()})" if device
       + f" | encoder: {config}, {n_params / 1e6:.1f}M params, {mib(4 * n_params):.0f} MiB fp32"
       + f" | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | median of {repeats}")
 
+
+
+def on_device(image):
+    """A preprocessed image (global_view, tiles, tiling) with its tensors on the benchmark's device."""
+    return tuple(t.to(device) if torch.is_tensor(t) else t for t in image)
+
+
 rng = np.random.RandomState(0)
 page = Image.fromarray(rng.randint(0, 256, (1400, 1000, 3), dtype=np.uint8))  # portrait, width 1000
 rows = []
@@ -127,7 +134,7 @@ for mode in modes.split(","):
     if image.tiles is not None:
         views += f" + {len(image.tiles)}x{resolved.tile_size}"
     for n_images in (1, batch):
-        images = [tuple(t.to(device) if torch.is_tensor(t) else t for t in image) for _ in range(n_images)]
+        images = [on_device(image) for _ in range(n_images)]
 
         def run():
             with torch.no_grad(), autocast_context(device.type):
@@ -192,8 +199,7 @@ def stage_times(images):
 
 print()
 print("where the time goes, one image (ms):")
-per_mode = {mode: stage_times([tuple(t.to(device) if torch.is_tensor(t) else t for t in preprocess(page, mode))])
-            for mode in modes.split(",")}
+per_mode = {mode: stage_times([on_device(preprocess(page, mode))]) for mode in modes.split(",")}
 widths = [max(10, len(mode)) + 2 for mode in per_mode]
 print(f"{'stage':<26}" + "".join(f"{mode:>{w}}" for mode, w in zip(per_mode, widths)))
 for stage in STAGES:
@@ -214,7 +220,7 @@ SWITCHES = [("linears: oneDNN vs F.linear", lambda on: setattr(common, "CPU_ONED
             ("rel-pos: auto vs dense", lambda on: set_rel_pos("auto" if on else "dense"), True)]
 
 if switch_mode:
-    image = [tuple(t.to(device) if torch.is_tensor(t) else t for t in preprocess(page, switch_mode))]
+    image = [on_device(preprocess(page, switch_mode))]
     print()
     print(f"speed choices, one {switch_mode} image, interleaved, best of {max(repeats, 2)}:")
     print(f"{'choice':<30} {'with ms':>9} {'without ms':>11} {'ratio':>7} {'max |diff|':>10}")
