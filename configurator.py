@@ -12,10 +12,9 @@ overrides them:
 
 `--key=value` values are Python literals (strings may be left unquoted) and must have the type of the current
 value (an int may widen to a float, a number given to a text setting stays text, None accepts anything);
-booleans are `--flag=True` / `--flag=False`. A bare
-argument is a config file: plain Python assignments, executed and then checked the same way. An unknown key or a
-wrong type stops the script with a message that names the key and lists the valid ones. The return value is the
-resolved config as a dict, for logging and for checkpoints.
+booleans are `--flag=True` / `--flag=False`. A bare argument is a config file: plain Python assignments, executed
+and then checked the same way. An unknown key or a wrong type stops the script with a message that names the key
+and lists the valid ones. The return value is the resolved config as a dict, for logging and for checkpoints.
 """
 
 import ast

@@ -189,3 +189,9 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+# The exact layer types whose weight and bias are the whole layer: what 4-bit quantization may replace and the
+# GPT's fused q/k/v may concatenate (subclasses such as those inside nn.MultiheadAttention, 4-bit layers and
+# adapters are not)
+PLAIN_LINEARS = (nn.Linear, Linear)

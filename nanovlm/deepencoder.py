@@ -213,7 +213,7 @@ def rel_pos_attention_chunked(q, k, v, rel_h, rel_w, H, W, chunk=1024):
     The dense form a block of queries of one head at a time: scores (chunk, HW) = q k^T scaled, rel_h and rel_w
     added in place broadcast over the key grid, softmax, times v. No extra channels (folding triples the width of
     q, k and v at head_dim 64 and a 64x64 grid: on CPU it takes 2.2x this time) and never more than chunk x HW
-    scores (the dense mask of a 1024 px image is 800 MB). Meant for inference: under autograd it is exact too, but
+    scores (the dense mask of a 1024 px image is 853 MiB). Meant for inference: under autograd it is exact too, but
     keeps every block's probabilities, the whole (HW, HW) matrix again.
     """
     B, nh, HW, hd = q.shape
@@ -250,7 +250,8 @@ class SamAttention(nn.Module):
         if self.window > 0:
             # The reference zero-pads the normed grid to whole windows before qkv, so a padding token's q, k, v are
             # qkv(0): padding qkv's output with that instead skips its matmul (19% of the rows at 1024 px)
-            qkv = window_partition(qkv, self.window, pad_value=self.qkv(x.new_zeros(C)))
+            pads = H % self.window or W % self.window
+            qkv = window_partition(qkv, self.window, pad_value=self.qkv(x.new_zeros(C)) if pads else None)
         y = self.attend(qkv)
         if self.window > 0:
             y = window_unpartition(y, self.window, H, W)  # the padding's outputs are dropped before proj

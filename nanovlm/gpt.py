@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanovlm.common import Linear, linear
+from nanovlm.common import PLAIN_LINEARS, Linear, linear
 
 
 @dataclass
@@ -75,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         three times the overhead of one. The concatenation is cached until a weight is replaced or changed.
         """
         layers = (self.c_q, self.c_k, self.c_v)
-        if torch.is_grad_enabled() or any(type(layer) is not Linear for layer in layers):
+        if torch.is_grad_enabled() or any(type(layer) not in PLAIN_LINEARS for layer in layers):
             return [layer(x) for layer in layers]
         key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer in layers)
         if self._qkv is None or self._qkv[0] != key:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovlm.common import Linear
+from nanovlm.common import PLAIN_LINEARS
 
 # The 16 NF4 levels as bitsandbytes stores them. Regenerating them from the normal quantiles agrees only to 1e-7,
 # so the fp32 literals are the definition. Index 7 is an exact zero.
@@ -461,9 +461,8 @@ def quantize_model(model, include=None, exclude=r"lm_head", blocksize=64, double
     """
     names = []
     for name, module in list(model.named_modules()):
-        # nn.Linear or the encoder's Linear (same forward contract); other subclasses (e.g. inside
-        # nn.MultiheadAttention) read .weight directly and would break
-        if type(module) not in (nn.Linear, Linear) or name.rpartition(".")[2] in ("lora_A", "lora_B"):
+        # exact types: other subclasses (e.g. inside nn.MultiheadAttention) read .weight directly and would break
+        if type(module) not in PLAIN_LINEARS or name.rpartition(".")[2] in ("lora_A", "lora_B"):
             continue
         if (include is not None and not name_matches(include, name)) or (exclude and name_matches(exclude, name)):
             continue

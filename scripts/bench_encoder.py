@@ -116,8 +116,6 @@ print(f"device: {device_type}" + (f" ({torch.cuda.get_device_name()})" if device
       + f" | encoder: {config}, {n_params / 1e6:.1f}M params, {mib(4 * n_params):.0f} MiB fp32"
       + f" | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | median of {repeats}")
 
-
-
 def on_device(image):
     """A preprocessed image (global_view, tiles, tiling) with its tensors on the benchmark's device."""
     return tuple(t.to(device) if torch.is_tensor(t) else t for t in image)

@@ -378,7 +378,7 @@ def test_encode_images_batches_like_one_at_a_time(tiny):
 
 
 # -----------------------------------------------------------------------------
-# the encoder's Linear: oneDNN for large no-grad fp32 products on CPU, F.linear otherwise
+# common.Linear: oneDNN for wide no-grad fp32 layers on CPU, F.linear otherwise
 
 def ran_onednn(fn):
     from torch.profiler import profile
