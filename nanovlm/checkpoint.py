@@ -2,7 +2,8 @@
 Checkpoints. Our format is one directory per run (checkpoints/<model_tag>/):
 
     model_{step:06d}.safetensors     the weights (rank 0)
-    meta_{step:06d}.json             model/encoder config, tokenizer, step, training config, loader state, metrics
+    meta_{step:06d}.json             model/encoder config, tokenizer, step, training config and prompts, loader
+                                     state, metrics
     optim_{step:06d}_rank{r}.pt      optimizer state, one per rank
 
 Every file is written atomically (temp file, fsync, rename) and the meta goes last: a step counts as saved only
@@ -199,3 +200,31 @@ def adapter_base_dir(checkpoint_dir, adapter):
 def relative_base_dir(checkpoint_dir, base_dir):
     """How a meta names base_dir: relative to checkpoint_dir's parent (see adapter_base_dir)."""
     return os.path.relpath(os.path.abspath(base_dir), os.path.dirname(os.path.abspath(checkpoint_dir)))
+
+
+# ---- which prompt to read with
+
+DEFAULT_PROMPT = "<image>\nOCR this image."  # for checkpoints whose meta records no training prompts (older runs)
+
+
+def training_prompt(meta):
+    """The prompt the checkpoint trained on most often (meta["prompts"]: {prompt: records}, most common first);
+    None where the meta does not say."""
+    prompts = meta.get("prompts") or {}
+    return max(prompts, key=prompts.get) if prompts else None
+
+
+def reading_prompt(meta, flag=""):
+    """
+    (prompt, note): a --prompt flag when one is given, else the checkpoint's training prompt, else DEFAULT_PROMPT;
+    note says which of the last two it is (None for the flag). A model answers best when asked what it was
+    trained on: a prompt it never saw is noise to a small model. A flag comes as typed in a shell ("\\n" for a
+    newline) and gets the image first when it has none, as every training prompt does.
+    """
+    if flag:
+        prompt = flag.replace("\\n", "\n")
+        return (prompt if "<image>" in prompt else "<image>\n" + prompt), None
+    prompt = training_prompt(meta)
+    if prompt:
+        return prompt, "the checkpoint's training prompt"
+    return DEFAULT_PROMPT, "the default: the checkpoint records no training prompt"

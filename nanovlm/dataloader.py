@@ -19,6 +19,7 @@ by a thread pool a few samples ahead of the training loop.
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,9 +60,10 @@ class SynthRecords(Sequence):
         return dict(record, image=image)
 
 
-def load_records(path, strict=False):
+def load_records(path, strict=False, need_prompt=True):
     """The records of a dataset JSON, image paths made absolute, or SynthRecords for a "synth:" spec. A malformed
-    record is reported and skipped (strict: raises)."""
+    record is reported and skipped (strict: raises). need_prompt=False keeps records without a prompt (an eval
+    asks them one of its own)."""
     if path.startswith("synth:"):
         return SynthRecords(path)
     try:
@@ -76,7 +78,7 @@ def load_records(path, strict=False):
     root = os.path.dirname(os.path.abspath(path))
     records = []
     for i, record in enumerate(raw):
-        problem = record_problem(record)
+        problem = record_problem(record, need_prompt)
         if problem:
             name = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
             report(f"{path}: record {name}: {problem}", strict)
@@ -87,17 +89,31 @@ def load_records(path, strict=False):
     return records
 
 
-def record_problem(record):
+def record_problem(record, need_prompt=True):
     if not isinstance(record, dict):
         return f"not an object ({type(record).__name__})"
     for field in REQUIRED_FIELDS:
+        if field == "prompt" and not need_prompt and field not in record:
+            continue
         if field not in record:
             return f"missing field '{field}'"
         if not isinstance(record[field], (str, int)) or (field != "id" and not isinstance(record[field], str)):
             return f"field '{field}' must be a string"
-    if record["prompt"].count(IMAGE_PLACEHOLDER) != 1:
+    if "prompt" in record and record["prompt"].count(IMAGE_PLACEHOLDER) != 1:
         return f"prompt must hold exactly one {IMAGE_PLACEHOLDER}"
     return None
+
+
+def prompt_counts(records):
+    """{prompt: how many records ask it}, most common first. A synthetic stream's come from its kinds (taken in
+    turn, each with its renderer's prompt) without drawing a sample."""
+    if isinstance(records, SynthRecords):
+        counts = Counter()
+        for first, kind in enumerate(records.kinds):
+            counts[RENDERERS[kind][1]] += len(range(first, records.n, len(records.kinds)))
+    else:
+        counts = Counter(record["prompt"] for record in records)
+    return dict(counts.most_common())
 
 
 def load_conversations(path, strict=False):
@@ -152,16 +168,16 @@ def prompt_ids(tokenizer, prompt, image, image_mode):
     return tokenizer.render_for_completion([{"role": "user", "content": prompt}], image_tokens=[n_image])
 
 
-def render_record(record, tokenizer, image_mode, max_tokens, image=None):
+def render_record(record, tokenizer, image_mode, max_tokens=None, image=None):
     """
     One record -> (ids, mask, views) with views = (global_view, tiles, tiling). Raises ValueError naming it,
-    also when the record does not fit in max_tokens: nothing is cut silently.
+    also when the record does not fit in max_tokens (training's bound; None: no bound): nothing is cut silently.
     image: the record's image when the caller has already loaded it.
     """
     image = image or load_record_image(record)
     views = preprocess(image, image_mode)
     ids, mask = render_ids(record, tokenizer, image_mode, image)
-    if len(ids) > max_tokens:
+    if max_tokens is not None and len(ids) > max_tokens:
         raise ValueError(f"{len(ids) - 1} tokens, more than the sequence length {max_tokens - 1} "
                          f"(raise --max_seq_len)")
     return ids, mask, views
@@ -210,9 +226,14 @@ def collate(samples, pad_id, device):
     use_cuda = torch.device(device).type == "cuda"
     inputs = inputs.to(device, non_blocking=use_cuda)
     targets = targets.to(device, non_blocking=use_cuda)
-    images = [PreprocessedImage(*(t.to(device, non_blocking=use_cuda) if torch.is_tensor(t) else t for t in image))
-              for _, _, image in samples if image is not None]
+    images = [image_to(image, device) for _, _, image in samples if image is not None]
     return inputs, targets, images
+
+
+def image_to(image, device):
+    """A preprocessed image (global_view, tiles, tiling) with its tensors on the device."""
+    use_cuda = torch.device(device).type == "cuda"
+    return PreprocessedImage(*(t.to(device, non_blocking=use_cuda) if torch.is_tensor(t) else t for t in image))
 
 
 def epoch_order(n, seed, epoch):

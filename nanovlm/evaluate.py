@@ -12,12 +12,15 @@ import contextlib
 
 import torch
 
-from nanovlm.dataloader import collate, load_record_image, prompt_ids, render_record
-from nanovlm.engine import Engine
+from nanovlm.dataloader import collate, image_to, load_record_image, prompt_ids, render_record
+from nanovlm.engine import Engine, room_to_generate
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
 
 IMAGE_GAP_WARN = 0.05  # nats per answer token: below this the model barely looks at its images
 FEATURE_SPREAD_WARN = 0.01  # below this, different images give the same SAM features: the encoder collapsed
+# new tokens past the longest reference: one goes to the stop token, and a wrong answer may spell the same text in
+# more tokens or run on past the reference's end, which the CER should see rather than a cut
+ANSWER_ROOM = 8
 
 
 def score(pred, ref):
@@ -98,56 +101,92 @@ def validation_sums(model, batches, device):
     return sums, spread
 
 
+def answer_budget(model, tokenizer, records, max_new_tokens=-1):
+    """
+    New tokens each answer may take: max_new_tokens when > 0; else enough for the longest reference of `records`
+    plus ANSWER_ROOM, and at least the model's training sequence length (an answer as long as the longest sample
+    it trained on is never cut). The engine caps it further by what the rotary table leaves after each prompt.
+    """
+    if max_new_tokens > 0:
+        return max_new_tokens
+    longest = max((len(tokenizer.encode(record["answer"])) for record in records), default=0)
+    return max(longest + ANSWER_ROOM, model.config.sequence_len)
+
+
+def record_losses(model, rendered, features, pad_id, device):
+    """
+    (loss, swapped_loss) per rendered record (ids, mask, _): its mean answer-token loss with its own image
+    features, and with another record's (swapped_images; None where no other record's run is as long).
+    """
+    if not rendered:
+        return []
+    inputs, targets, _ = collate([(ids, mask, None) for ids, mask, _ in rendered], pad_id, device)
+    own = answer_losses(model, inputs, targets, features=features)
+    other, got_other = swapped_images(inputs, features, model.image_token_id)
+    swapped = answer_losses(model, inputs, targets, features=other) if got_other.any() else None
+    losses = []
+    for row in range(len(rendered)):
+        keep = targets[row] != -1
+        swapped_loss = swapped[row][keep].mean().item() if got_other[row] and keep.any() else None
+        losses.append((own[row][keep].mean().item(), swapped_loss))
+    return losses
+
+
 def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, autocast=None, batch_size=8,
                      gap_batch=16):
     """
-    One dict per record: id, prediction, reference, loss, swapped_loss (its answer's loss under another record's
-    image, None where no other record of its group of gap_batch has an image run of the same length) and the
-    measures of score(). Each image is decoded, preprocessed and encoded once, for the teacher-forced loss, the
-    swapped loss and generation; generation runs batch_size records at a time (greedy: the same answers as one
-    by one). max_new_tokens <= 0: as many as the model's sequence length, the longest sample it was trained on
-    (so an answer as long as the longest training answer is never cut short).
+    One dict per record: id, prompt, prediction, reference, loss, swapped_loss (its answer's loss under another
+    record's image, None where no other record of its group of gap_batch has an image run of the same length) and
+    the measures of score(). Every record is answered, with up to answer_budget(max_new_tokens) new tokens, and
+    scored. The losses cover records that fit the model's training sequence length: positions past it were never
+    trained, so a longer record's losses are None, said in one line. Each image is decoded, preprocessed and
+    encoded once, for the losses and generation; generation runs batch_size records at a time (greedy: the same
+    answers as one by one).
     """
     engine = Engine(model, tokenizer)
     device = model.get_device()
-    max_tokens = model.config.sequence_len + 1
+    max_tokens = model.config.sequence_len + 1  # the longest sample the losses take: inputs plus the shifted target
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    wanted = max_new_tokens if max_new_tokens > 0 else model.config.sequence_len
-    samples, group = [None] * len(records), []  # group: (index, record, image, rendered), up to gap_batch of them
+    wanted = answer_budget(model, tokenizer, records, max_new_tokens)
+    samples, group = [None] * len(records), []  # group: (index, record, prompt, rendered), up to gap_batch of them
     was_training = model.training
     model.eval()
     context = autocast or contextlib.nullcontext()
 
     def flush():
-        inputs, targets, images = collate([rendered for *_, rendered in group], pad_id, device)
+        rendered = [r for *_, r in group]
+        fits = [row for row, (ids, _, _) in enumerate(rendered) if len(ids) <= max_tokens]
+        images = [image_to(views, device) for _, _, views in rendered]
         with torch.no_grad(), context:
             features = model.encoder.encode_images(images)  # once, for everything below
-            own = answer_losses(model, inputs, targets, features=features)
-            other, got_other = swapped_images(inputs, features, model.image_token_id)
-            swapped = answer_losses(model, inputs, targets, features=other) if got_other.any() else None
-            prompts = [prompt_ids(tokenizer, record["prompt"], image, image_mode) for _, record, image, _ in group]
+            losses = dict(zip(fits, record_losses(model, [rendered[r] for r in fits], [features[r] for r in fits],
+                                                  pad_id, device)))
+            prompts = [prompt for _, _, prompt, _ in group]
             answers = []
             for start in range(0, len(group), batch_size):
                 answers += engine.generate_many(prompts[start:start + batch_size],
                                                 features=features[start:start + batch_size], max_tokens=wanted)
-        for row, ((index, record, _, _), answer) in enumerate(zip(group, answers)):
-            keep = targets[row] != -1
+        for row, ((index, record, _, (ids, _, _)), answer) in enumerate(zip(group, answers)):
+            if row not in losses:
+                print(f"record {record['id']}: no loss: {len(ids) - 1} tokens with its reference, more than the "
+                      f"{max_tokens - 1} this model trained on (answered and scored all the same)")
+            loss, swapped_loss = losses.get(row, (None, None))
             pred = tokenizer.decode(answer)
-            sample = dict(id=record["id"], prediction=pred, reference=record["answer"],
-                          loss=own[row][keep].mean().item(), swapped_loss=None, **score(pred, record["answer"]))
-            if got_other[row] and keep.any():
-                sample["swapped_loss"] = swapped[row][keep].mean().item()
-            samples[index] = sample
+            samples[index] = dict(id=record["id"], prompt=record["prompt"], prediction=pred,
+                                  reference=record["answer"], loss=loss, swapped_loss=swapped_loss,
+                                  **score(pred, record["answer"]))
         group.clear()
 
     for index, record in enumerate(records):
         try:
             image = load_record_image(record)
-            group.append((index, record, image, render_record(record, tokenizer, image_mode, max_tokens, image)))
-        except ValueError as e:  # an unreadable or overlong record scores as an empty answer, the eval goes on
+            prompt = prompt_ids(tokenizer, record["prompt"], image, image_mode)
+            room_to_generate(model.gpt, len(prompt))  # a prompt longer than the rotary table cannot be answered
+            group.append((index, record, prompt, render_record(record, tokenizer, image_mode, image=image)))
+        except ValueError as e:  # an unreadable record scores as an empty answer, the eval goes on
             print(f"record {record['id']}: {e}")
-            samples[index] = dict(id=record["id"], prediction="", reference=record["answer"], loss=None,
-                                  swapped_loss=None, error=str(e), **score("", record["answer"]))
+            samples[index] = dict(id=record["id"], prompt=record["prompt"], prediction="", reference=record["answer"],
+                                  loss=None, swapped_loss=None, error=str(e), **score("", record["answer"]))
             continue
         if len(group) == gap_batch:
             flush()

@@ -301,7 +301,7 @@ def prepare_adapters(model, config, training=False):
     if config["quant"] not in ("", "nf4"):
         raise ValueError(f"quant must be '' or 'nf4', got {config['quant']!r}")
     if config["quant"] and config["lora_r"] <= 0:
-        raise ValueError("a 4-bit base is frozen: give LoRA adapters to train (--lora_r=16)")
+        raise ValueError("a 4-bit base is frozen: it needs LoRA adapters to train (lora_r > 0, e.g. 16)")
     if config["quant"]:
         quantize_model(model, include=config["quant_targets"], double_quant=config["double_quant"])
     if training:

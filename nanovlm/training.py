@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanovlm.checkpoint import (find_last_step, image_mode_of, load_checkpoint, load_vlm, relative_base_dir,
                                 save_checkpoint)
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
-from nanovlm.dataloader import eval_batches, load_conversations, load_records, longest_record, vision_batches
+from nanovlm.dataloader import (eval_batches, load_conversations, load_records, longest_record, prompt_counts,
+                                vision_batches)
 from nanovlm.evaluate import FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, summarize, validation_sums
 from nanovlm.image_process import resolve_mode
 from nanovlm.importers import load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat
@@ -494,9 +495,11 @@ def evaluate(run):
 
 
 def save(run):
-    """This step's checkpoint: weights (or the adapters alone), meta, and each rank's optimizer/RNG/data state."""
+    """This step's checkpoint: weights (or the adapters alone), meta, and each rank's optimizer/RNG/data state.
+    The meta keeps the training prompts, so that reading asks the model what it learned to answer."""
     model = run.model
     meta = dict(model_meta(model), image_mode=str(run.image_mode), tokenizer_dir="tokenizer", user_config=run.cfg,
+                prompts=prompt_counts(run.records),
                 loader_state=run.loader_state, metrics=run.metrics,
                 loop_state={"smooth_loss": run.smooth_loss, "total_time": run.total_time})
     rank_state = {"rng": torch.get_rng_state(), "loader_state": run.loader_state,

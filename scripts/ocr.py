@@ -3,7 +3,7 @@ Read images with a trained checkpoint. One image: the answer streams to the term
 (comma-separated): they are read together in one batch (Engine.generate_many) and each answer is printed under its
 file name.
 
-    python -m scripts.ocr --image=receipt.png
+    python -m scripts.ocr --image=receipt.png        # asks what the checkpoint trained on (its meta's prompts)
     python -m scripts.ocr --image=a.png,b.png,c.png
     python -m scripts.ocr --image=page.png --prompt="<image>\n<|grounding|>OCR this image." --boxes_out=boxes.png
 
@@ -17,7 +17,7 @@ import os
 from PIL import ImageDraw
 
 from configurator import configure
-from nanovlm.checkpoint import image_mode_of, load_vlm
+from nanovlm.checkpoint import image_mode_of, load_vlm, reading_prompt
 from nanovlm.common import autocast_context, compute_init, get_base_dir
 from nanovlm.engine import Engine, room_to_generate
 from nanovlm.dataloader import prompt_ids
@@ -25,7 +25,7 @@ from nanovlm.image_process import PreprocessedImage, load_image, preprocess
 from nanovlm.metrics import parse_boxes
 
 image = ""  # the image to read, or several, comma-separated
-prompt = "<image>\nOCR this image."
+prompt = ""  # empty = the checkpoint's training prompt (older checkpoints: "<image>\nOCR this image.")
 image_mode = ""  # empty = the checkpoint's
 model_tag = "vis_tok"
 checkpoint_dir = ""  # or an explicit checkpoint directory
@@ -84,9 +84,6 @@ def stream(engine, ids, views, max_tokens):
 paths = [p for p in image.split(",") if p]
 if not paths:
     fail("give an image with --image=PATH (or several: --image=a.png,b.png)")
-prompt = prompt.replace("\\n", "\n")  # a shell passes --prompt="<image>\n..." with a literal backslash-n
-if "<image>" not in prompt:
-    prompt = "<image>\n" + prompt  # the image goes first, as in every training prompt
 _, _, _, _, device = compute_init(device_type)
 try:
     pictures = [load_image(path) for path in paths]
@@ -95,6 +92,9 @@ try:
     image_mode = image_mode_of(meta, image_mode)
 except (FileNotFoundError, ValueError) as e:
     fail(e)
+prompt, note = reading_prompt(meta, prompt)
+if note:
+    print(f"prompt {prompt!r}: {note} (--prompt to ask another)")
 
 views = []
 for picture in pictures:

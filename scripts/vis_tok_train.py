@@ -71,7 +71,7 @@ max_bad_steps = 5  # stop after this many non-finite losses in a row
 eval_every = 100
 eval_records = 64  # records for the validation loss
 eval_samples = 4  # records answered greedily and scored at each eval
-max_new_tokens = -1  # -1 = up to the sequence length
+max_new_tokens = -1  # -1 = the longest reference of the samples plus a little, at least the sequence length
 save_every = -1  # -1 = only at the end
 
 

@@ -1,6 +1,7 @@
 """
 Evaluate a checkpoint on a dataset: per record the teacher-forced answer loss, then a greedy answer scored by
-exact match, CER, NED, word precision and, for grounding answers, box IoU and detection rate.
+exact match, CER, NED, word precision and, for grounding answers, box IoU and detection rate. Every record is
+answered and scored; one longer than the checkpoint's training length gets no loss (it says so).
 
     python -m scripts.vision_sample --data=data/tier1/dataset.json --model_tag=vis_tok --json=eval.json
     python -m scripts.vision_sample --data=data/synth_lines_val/dataset.json --model_tag=lines --batch_size=32
@@ -16,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from nanovlm.checkpoint import image_mode_of, load_vlm
+from nanovlm.checkpoint import image_mode_of, load_vlm, reading_prompt
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
 from nanovlm.dataloader import load_records
-from nanovlm.evaluate import IMAGE_GAP_WARN, evaluate_records, summarize
+from nanovlm.evaluate import ANSWER_ROOM, IMAGE_GAP_WARN, answer_budget, evaluate_records, summarize
 from nanovlm.sheet import make_sheet
 
 data = "data/tier1/dataset.json"
@@ -27,7 +28,8 @@ model_tag = "vis_tok"  # a run under checkpoints/
 checkpoint_dir = ""  # or an explicit checkpoint directory
 step = -1  # -1 = the latest
 image_mode = ""  # empty = the one the checkpoint was trained with
-max_new_tokens = -1  # -1 = up to the checkpoint's sequence length (its longest training sample)
+max_new_tokens = -1  # -1 = the longest reference + a little, at least the checkpoint's sequence length
+prompt = ""  # empty = each record's own (a record without one: the checkpoint's training prompt); else every record's
 limit = -1  # evaluate only the first N records
 batch_size = 8  # records generated together (greedy answers are the same at any batch size)
 json = ""  # write the summary here
@@ -39,12 +41,21 @@ ddp, rank, local_rank, world_size, device = compute_init(device_type)
 directory = checkpoint_dir or os.path.join(get_base_dir(), model_tag)
 try:
     model, tokenizer, meta = load_vlm(directory, None if step < 0 else step, device=device)
-    records = load_records(data)
+    records = load_records(data, need_prompt=False)
     image_mode = image_mode_of(meta, image_mode)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
-records = records[:limit] if limit > 0 else records
+records = records[:limit] if limit > 0 else records[:]  # a list: a synthetic set is drawn once, here
 print0(f"evaluating {directory} step {meta['step']} on {len(records)} records of {data} (image mode {image_mode})")
+asked, note = reading_prompt(meta, prompt)  # --prompt, else the checkpoint's, for records without their own
+without_prompt = sum("prompt" not in r for r in records)
+if without_prompt and not prompt:
+    print0(f"records without a prompt ({without_prompt}) are asked {asked!r}: {note}")
+records = [dict(r, prompt=asked) if prompt or "prompt" not in r else r for r in records]
+# one budget for every rank: the longest reference among all the records, not among this rank's share
+max_new_tokens = answer_budget(model, tokenizer, records, max_new_tokens)
+print0(f"answers of up to {max_new_tokens} new tokens (--max_new_tokens; by default the longest reference + "
+       f"{ANSWER_ROOM}, at least the sequence length {model.config.sequence_len})")
 
 samples = evaluate_records(model, tokenizer, records[rank::world_size], image_mode, max_new_tokens,
                            autocast_context(device.type), batch_size=batch_size)

@@ -167,3 +167,13 @@ def test_encoder_tuples_survive_the_json_meta():
     gpt_config, encoder_config, _ = preset_configs("lines", 300)
     meta = json.loads(json.dumps(model_meta(build_vlm(gpt_config, encoder_config, 5, device="meta", init=False))))
     assert configs_from_meta(meta, "test")[1] == encoder_config
+
+
+def test_reading_prompt_is_the_flag_else_the_checkpoint_s_else_the_default():
+    meta = {"prompts": {"<image>\nFree OCR.": 900, "<image>\nParse the figure.": 100}}
+    assert ckpt.training_prompt({"prompts": {"<image>\na": 1, "<image>\nb": 5}}) == "<image>\nb"  # the most common
+    assert ckpt.reading_prompt(meta) == ("<image>\nFree OCR.", "the checkpoint's training prompt")
+    assert ckpt.reading_prompt(meta, "Read it.") == ("<image>\nRead it.", None)  # the user's wins, image first
+    assert ckpt.reading_prompt(meta, "<image>\\nRead it.") == ("<image>\nRead it.", None)  # as a shell passes it
+    prompt, note = ckpt.reading_prompt({"step": 3})  # an older meta records no prompts
+    assert prompt == ckpt.DEFAULT_PROMPT == "<image>\nOCR this image." and "records no training prompt" in note

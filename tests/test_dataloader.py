@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import write_dataset
-from nanovlm.dataloader import initial_state, load_records, plan, vision_batches
+from nanovlm.dataloader import initial_state, load_records, plan, prompt_counts, vision_batches
 from nanovlm.image_process import count_image_tokens
 
 MODE = "resize:128"
@@ -171,3 +171,13 @@ def test_a_conversation_without_an_assistant_turn_is_named_and_skipped(tmp_path,
     assert f"{path}:2: no assistant turn" in capsys.readouterr().out
     with pytest.raises(ValueError, match=":2: no assistant turn"):
         load_conversations(str(path), strict=True)
+
+
+def test_prompt_counts_of_a_dataset_and_of_synthetic_kinds_without_drawing_one(monkeypatch):
+    import nanovlm.dataloader
+    from nanovlm.synth import PROMPT_FREE_OCR, PROMPT_OCR
+    monkeypatch.setattr(nanovlm.dataloader, "make_sample", lambda *a, **kw: pytest.fail("a sample was drawn"))
+    # kinds in turn over 7 records: line 0, 3, 6; line2 1, 4; receipt 2, 5 (line and receipt share a prompt)
+    assert prompt_counts(load_records("synth:line,line2,receipt:7:0")) == {PROMPT_OCR: 5, PROMPT_FREE_OCR: 2}
+    records = [{"prompt": "<image>\na"}, {"prompt": "<image>\nb"}, {"prompt": "<image>\nb"}]
+    assert list(prompt_counts(records).items()) == [("<image>\nb", 2), ("<image>\na", 1)]  # most common first

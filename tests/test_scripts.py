@@ -27,6 +27,28 @@ def checkpoint(tmp_path_factory, tokenizer):
     return base, data
 
 
+LONG_ANSWER = "a much longer answer " * 6  # some 80 tokens: past the short checkpoint's training length
+
+
+@pytest.fixture(scope="module")
+def short_checkpoint(checkpoint, tokenizer):
+    """A checkpoint trained on 40-token samples whose meta records its prompts, and a set with a record longer
+    than that and one without a prompt."""
+    base, _ = checkpoint
+    model = tiny_vlm(tokenizer, sequence_len=40)
+    tokenizer.save(str(base / "short" / "tokenizer"))
+    save_checkpoint(str(base / "short"), 1, model.state_dict(),
+                    dict(model_meta(model), image_mode="resize:128", tokenizer_dir="tokenizer",
+                         prompts={"<image>\nFree OCR.": 3, "<image>\nOCR this image.": 1}))
+    data = write_dataset(str(base / "short_data"), ["TOTAL 12.00", LONG_ANSWER, "no prompt"])
+    with open(data) as f:
+        records = json.load(f)
+    del records[2]["prompt"]
+    with open(data, "w") as f:
+        json.dump(records, f)
+    return base, data
+
+
 def run(base, *args):
     env = dict(os.environ, NANOVLM_BASE_DIR=str(base), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -56,6 +78,7 @@ def test_ocr_streams_an_answer_and_draws_boxes(checkpoint, tmp_path):
               f"--boxes_out={boxes}")
     assert out.returncode == 0, out.stderr
     assert boxes.exists()
+    assert "prompt '<image>\\nOCR this image.': the default: the checkpoint records no training prompt" in out.stdout
     other = os.path.join(os.path.dirname(data), "images", "1.png")
     out = run(base, "scripts.ocr", f"--image={image},{other}", "--model_tag=rand", "--max_new_tokens=5",
               f"--boxes_out={tmp_path / 'boxes'}")
@@ -65,6 +88,75 @@ def test_ocr_streams_an_answer_and_draws_boxes(checkpoint, tmp_path):
     out = run(base, "scripts.ocr", f"--image={image}", "--model_tag=rand", "--max_new_tokens=100000")
     assert out.returncode == 0, out.stderr
     assert "--max_new_tokens=100000 capped at" in out.stdout  # said, not silently cut
+
+
+def test_ocr_asks_the_checkpoint_s_training_prompt_unless_given_one(short_checkpoint):
+    base, data = short_checkpoint
+    image = os.path.join(os.path.dirname(data), "images", "0.png")
+    out = run(base, "scripts.ocr", f"--image={image}", "--model_tag=short", "--max_new_tokens=3")
+    assert out.returncode == 0, out.stderr
+    assert "prompt '<image>\\nFree OCR.': the checkpoint's training prompt (--prompt to ask another)" in out.stdout
+    out = run(base, "scripts.ocr", f"--image={image}", "--model_tag=short", "--max_new_tokens=3", "--prompt=Read it.")
+    assert out.returncode == 0, out.stderr
+    assert "training prompt" not in out.stdout and "the default" not in out.stdout
+
+
+def test_vision_sample_answers_every_record_and_asks_the_right_prompts(short_checkpoint, tokenizer, tmp_path):
+    """Past the training length: answered and scored, no loss, one line; a record without a prompt is asked the
+    checkpoint's; --prompt replaces every record's."""
+    base, data = short_checkpoint
+    out_json = tmp_path / "eval.json"
+    out = run(base, "scripts.vision_sample", f"--data={data}", "--model_tag=short", f"--json={out_json}")
+    assert out.returncode == 0, out.stderr
+    budget = len(tokenizer.encode(LONG_ANSWER)) + 8  # the longest reference + ANSWER_ROOM, above the 40 trained
+    assert f"answers of up to {budget} new tokens" in out.stdout
+    assert out.stdout.count("no loss") == 1
+    assert "record r1: no loss: " in out.stdout and "more than the 40 this model trained on" in out.stdout
+    assert "without a prompt (1) are asked '<image>\\nFree OCR.': the checkpoint's training prompt" in out.stdout
+    summary = json.loads(out_json.read_text())
+    samples = {s["id"]: s for s in summary["samples"]}
+    assert samples["r1"]["loss"] is None and samples["r1"]["prediction"] and "error" not in samples["r1"]
+    assert samples["r1"]["cer"] > 0 and samples["r0"]["loss"] is not None
+    assert summary["loss"] == pytest.approx((samples["r0"]["loss"] + samples["r2"]["loss"]) / 2)
+    own, checkpoint_s = "<image>\nOCR this image.", "<image>\nFree OCR."
+    assert [samples[r]["prompt"] for r in ("r0", "r1", "r2")] == [own, own, checkpoint_s]
+    out = run(base, "scripts.vision_sample", f"--data={data}", "--model_tag=short", "--max_new_tokens=2",
+              "--prompt=Read it.", f"--json={out_json}")
+    assert out.returncode == 0, out.stderr
+    assert "are asked" not in out.stdout
+    assert [s["prompt"] for s in json.loads(out_json.read_text())["samples"]] == ["<image>\nRead it."] * 3
+
+
+def test_a_record_longer_than_the_training_length_is_answered_and_scored(tokenizer, vlm, tmp_path, capsys,
+                                                                         monkeypatch):
+    from nanovlm.dataloader import load_records, render_record
+    from nanovlm.engine import Engine
+    from nanovlm.evaluate import ANSWER_ROOM, evaluate_records, summarize
+    from nanovlm.metrics import cer
+    records = load_records(write_dataset(str(tmp_path), ["ok", LONG_ANSWER]))
+    vlm.config.sequence_len = len(render_record(records[0], tokenizer, "resize:128")[0]) - 1  # r0 fits, r1 not
+    budgets, generate_many = [], Engine.generate_many
+    monkeypatch.setattr(Engine, "generate_many", lambda self, prompts, **kw:
+                        budgets.append(kw["max_tokens"]) or generate_many(self, prompts, **kw))
+    samples = evaluate_records(vlm, tokenizer, records, "resize:128")
+    assert budgets == [len(tokenizer.encode(LONG_ANSWER)) + ANSWER_ROOM]  # default: the longest reference + room
+    long = samples[1]
+    assert long["loss"] is None and long["swapped_loss"] is None and "error" not in long
+    assert long["prediction"] and long["cer"] == cer(long["prediction"], LONG_ANSWER)
+    out = capsys.readouterr().out
+    assert out.count("no loss") == 1 and "record r1: no loss: " in out
+    summary = summarize(samples)
+    assert summary["n"] == 2 and samples[0]["loss"] is not None and summary["loss"] == samples[0]["loss"]
+
+
+def test_the_answer_budget_follows_the_longest_reference(tokenizer, vlm):
+    from nanovlm.evaluate import ANSWER_ROOM, answer_budget
+    records = [{"answer": "short"}, {"answer": LONG_ANSWER}]
+    vlm.config.sequence_len = 10
+    assert answer_budget(vlm, tokenizer, records) == len(tokenizer.encode(LONG_ANSWER)) + ANSWER_ROOM
+    vlm.config.sequence_len = 500
+    assert answer_budget(vlm, tokenizer, records) == 500  # never less than the longest sample it trained on
+    assert answer_budget(vlm, tokenizer, records, max_new_tokens=7) == 7  # a given budget is kept
 
 
 @pytest.mark.parametrize("args, message", [

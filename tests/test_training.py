@@ -51,6 +51,8 @@ def test_stage1_lowers_the_loss_and_resume_reproduces_it(workspace):
     resumed = losses(run_script(base, *args, "--resume=True"))
     assert sorted(resumed) == [4, 5, 6, 7]
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
+    meta = json.loads((base / "t1" / "meta_000008.json").read_text())
+    assert meta["prompts"] == {"<image>\nOCR this image.": len(ANSWERS)}  # what ocr / vision_sample then ask
 
 
 def test_stage2_freezes_sam_and_mixes_text(workspace, tmp_path):
