@@ -266,13 +266,16 @@ class SamAttention(nn.Module):
         rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, h, w)  # from the unscaled q
         impl = self.rel_pos_impl
         if impl == "auto":
-            # Training and CUDA: folded (fused kernels, nothing (hw, hw) kept for backward). CPU inference: the
-            # reference's mask while it is small (a 14x14 window: SDPA's fused kernel is fastest there), chunked
-            # on larger grids (a 40x40 global block takes 0.55x the time of folded, 0.7x of dense)
-            if q.requires_grad or q.is_cuda:
+            # CUDA: folded (fused kernels, nothing (hw, hw) kept for backward). CPU: the reference's mask while it
+            # is small (a 14x14 window; a 4x128 text line in training too, where folding would widen q and k by
+            # 132 channels: 0.85x the time of SAM's step), chunked on larger grids without autograd (a 40x40
+            # global block takes 0.55x the time of folded, 0.7x of dense), folded under it (small backward)
+            if q.is_cuda:
                 impl = "folded"
+            elif h * w <= 1024:
+                impl = "dense"
             else:
-                impl = "dense" if h * w <= 1024 else "chunked"
+                impl = "folded" if q.requires_grad else "chunked"
         attention = {"folded": rel_pos_attention_folded, "chunked": rel_pos_attention_chunked,
                      "dense": rel_pos_attention_dense}.get(impl)
         if attention is None:

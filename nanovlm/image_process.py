@@ -12,7 +12,9 @@ that turns anything PIL opens into RGB or fails with one clear error.
 
 Custom sizes (for the tiny CPU encoder, or experiments): "resize:S" squashes to S x S, "pad:S" letterboxes to
 S x S, "gundam:T:G" tiles at T px (when a side exceeds T) with a G px global view, and "rect:W:H" squashes to a
-W x H rectangle (a text line keeps its shape: rect:2048:64 gives one row of 32 tokens). Sizes are multiples of 64.
+W x H rectangle, and "line:W:H" scales a text line to height H keeping its aspect, left-aligned, and pads it on the
+right with grey to W (squashing it only where it is wider than W: line:2048:64 gives one row of 32 tokens, and
+glyphs of the same size whatever the line's length). Sizes are multiples of 64.
 
 Pixels are normalised with mean 0.5, std 0.5 to [-1, 1]; the letterbox grey (127, 127, 127) becomes -1/255.
 """
@@ -26,10 +28,11 @@ from PIL import Image, ImageOps
 
 from nanovlm.deepencoder import DeepEncoderConfig
 
-class ImageMode(namedtuple("ImageMode", "name global_size squash tile_size global_height", defaults=(None,))):
+class ImageMode(namedtuple("ImageMode", "name global_size fit tile_size global_height", defaults=(None,))):
     """
     A resolved image mode: name, the string it came from ("base", "rect:1024:64", ...: what metas store and flags
-    take); global_size, the width of the global view; squash, resize to it (True) or letterbox (False);
+    take); global_size, the width of the global view; fit, how the image meets that size: "squash" (resized to
+    it), "letterbox" (centred, keeping its aspect, grey around) or "line" (height filled, grey on the right);
     tile_size, the side of a tile, None for modes without tiles; global_height, the height of a rectangular
     global view, None for a square one. A mode is resolved once, where the flag or meta is read (resolve_mode),
     and travels as this object.
@@ -41,11 +44,11 @@ class ImageMode(namedtuple("ImageMode", "name global_size squash tile_size globa
 
 
 MODES = {
-    "tiny": ImageMode("tiny", 512, True, None),
-    "small": ImageMode("small", 640, True, None),
-    "base": ImageMode("base", 1024, False, None),
-    "large": ImageMode("large", 1280, False, None),
-    "gundam": ImageMode("gundam", 1024, False, 640),
+    "tiny": ImageMode("tiny", 512, "squash", None),
+    "small": ImageMode("small", 640, "squash", None),
+    "base": ImageMode("base", 1024, "letterbox", None),
+    "large": ImageMode("large", 1280, "letterbox", None),
+    "gundam": ImageMode("gundam", 1024, "letterbox", 640),
 }
 
 ENCODER = DeepEncoderConfig()  # the encoder geometry (16 px patches, 4x compressor): every size shares it
@@ -77,15 +80,15 @@ def resolve_mode(mode):
         sizes = [int(s) for s in sizes]
     except ValueError:
         sizes = []
-    shapes = {"resize": 1, "pad": 1, "gundam": 2, "rect": 2}
+    shapes = {"resize": 1, "pad": 1, "gundam": 2, "rect": 2, "line": 2}
     if kind not in shapes or len(sizes) != shapes[kind] or any(s <= 0 or s % 64 for s in sizes):
         raise ValueError(f"unknown image mode {mode!r}: use one of {', '.join(MODES)}, or 'resize:S', 'pad:S', "
-                         f"'gundam:T:G' or 'rect:W:H' with sizes that are positive multiples of 64")
+                         f"'gundam:T:G', 'rect:W:H' or 'line:W:H' with sizes that are positive multiples of 64")
     if kind == "gundam":
-        return ImageMode(mode, sizes[1], False, sizes[0])
-    if kind == "rect":
-        return ImageMode(mode, sizes[0], True, None, sizes[1])
-    return ImageMode(mode, sizes[0], kind == "resize", None)
+        return ImageMode(mode, sizes[1], "letterbox", sizes[0])
+    if kind in ("rect", "line"):
+        return ImageMode(mode, sizes[0], "squash" if kind == "rect" else "line", None, sizes[1])
+    return ImageMode(mode, sizes[0], "squash" if kind == "resize" else "letterbox", None)
 
 
 def global_shape(mode):
@@ -152,11 +155,22 @@ def to_tensor(image):
 
 
 def global_view(image, mode):
-    """The whole image at the mode's global size: squashed (tiny, small, rect) or letterboxed on grey, keeping the
-    aspect ratio and upscaling small images too (base, large, gundam)."""
-    if mode.squash:
+    """The whole image at the mode's global size: squashed (tiny, small, rect), letterboxed on grey, keeping the
+    aspect ratio and upscaling small images too (base, large, gundam), or as a text line (line)."""
+    if mode.fit == "squash":
         return image.resize(global_shape(mode), Image.Resampling.BICUBIC)
+    if mode.fit == "line":
+        return fit_line(image, *global_shape(mode))
     return ImageOps.pad(image, global_shape(mode), method=Image.Resampling.BICUBIC, color=PAD_COLOR)
+
+
+def fit_line(image, width, height):
+    """A text line at the height of the view, its aspect kept (so a glyph has the same shape in a short word as
+    in a long line), from the left edge, grey after its end; a line too long for the width is squashed into it."""
+    scaled_width = min(width, max(1, round(image.width * height / image.height)))
+    view = Image.new("RGB", (width, height), PAD_COLOR)
+    view.paste(image.resize((scaled_width, height), Image.Resampling.BICUBIC), (0, 0))
+    return view
 
 
 def make_tiles(image, tiling, tile_size):

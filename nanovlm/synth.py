@@ -1,7 +1,9 @@
 """
 Synthetic OCR samples drawn with Pillow from a seed: receipts, charts, text scenes, document lines and
 paragraphs, word grounding, and `line2` text lines whose content goes beyond any word pool (numbers, prices,
-dates, times, codes, made-up names). Nothing is downloaded; the text comes from the small pools below.
+dates, times, codes, made-up names). Nothing is downloaded; the text comes from the small pools below. The kinds
+that teach reading real text live in their own modules: `read` and `read_fonts` (nanovlm.textlines: a large word
+list, many installed fonts, scan-like degradations) and `print` (nanovlm.realprint: word runs from typeset PDFs).
 
 Every sample is a pure function of (seed, split, index): make_sample(kind, seed, split, index) -> (record, image).
 scripts/make_data.py writes such samples to disk; the dataloader can also draw them on the fly ("synth:" data).
@@ -12,6 +14,8 @@ import glob
 import random
 
 from PIL import Image, ImageDraw, ImageFont
+
+from nanovlm.textlines import render_read, render_read_fonts
 
 MAX_ANSWER_CHARS = 600
 
@@ -575,10 +579,22 @@ def render_grounding(rng, short=False):
     return image, answer
 
 
+def render_print(rng, split):
+    """A run of words cut from a real typeset PDF page (nanovlm.realprint; imported here, when first drawn, since
+    it needs pypdfium2 and the PDF manuals)."""
+    from nanovlm.realprint import render_print as render
+    return render(rng, split)
+
+
 RENDERERS = {"receipt": (render_receipt, PROMPT_OCR), "chart": (render_chart, PROMPT_FIGURE),
              "scene": (render_scene, PROMPT_DESCRIBE), "line": (render_line, PROMPT_OCR),
              "line2": (render_line2, PROMPT_FREE_OCR),
-             "paragraph": (render_paragraph, PROMPT_OCR), "grounding": (render_grounding, PROMPT_LOCATE)}
+             "paragraph": (render_paragraph, PROMPT_OCR), "grounding": (render_grounding, PROMPT_LOCATE),
+             "read": (render_read, PROMPT_FREE_OCR), "read_fonts": (render_read_fonts, PROMPT_FREE_OCR),
+             "print": (render_print, PROMPT_FREE_OCR)}
+# Kinds drawn from split-specific pools (lexicon, fonts, documents): their renderers take the split instead of
+# `short`, so that a validation set shares no word, held-out font or document with training.
+SPLIT_KINDS = {"read", "read_fonts", "print"}
 
 # -----------------------------------------------------------------------------
 # datasets
@@ -592,7 +608,8 @@ def sample_rng(seed, split, index, attempt=0):
 def make_sample(kind, seed, split, index, short=False, attempt=0):
     """One sample as (record without its image path, image)."""
     render, prompt = RENDERERS[kind]
-    image, answer = render(sample_rng(seed, split, index, attempt), short)
+    rng = sample_rng(seed, split, index, attempt)
+    image, answer = render(rng, split) if kind in SPLIT_KINDS else render(rng, short)
     assert 0 < len(answer) <= MAX_ANSWER_CHARS, f"{kind} sample {index}: answer of {len(answer)} chars"
     record = {"id": f"{split}_{index:06d}_{kind}", "prompt": prompt, "answer": answer, "source": "synth",
               "type": kind}

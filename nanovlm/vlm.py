@@ -19,14 +19,14 @@ from nanovlm.gpt import GPT, GPTConfig
 from nanovlm.image_process import global_shape, resolve_mode
 from nanovlm.nf4 import param_elements
 
-# Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 16 tokens
-# in reading order, a CTC read-out on SAM's neck); "d20" is nanochat's d20 GPT with the real DeepEncoder.
-# proj_norm and ctc are sized for the preset's image mode when the model is built (see preset_configs).
+# Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 32 tokens
+# in reading order, 128 CTC columns on SAM's neck: room for 64 characters); "d20" is nanochat's d20 GPT with the
+# real DeepEncoder. proj_norm and ctc are sized for the preset's image mode when the model is built (see preset_configs).
 TINY_GPT = dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 PRESETS = {
     "tiny": dict(gpt=TINY_GPT, encoder=dict(tiny=True), image_mode="resize:256", proj_norm=True, ctc=False),
     "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4, sam_conv_stem=(8, 16, 32)),
-                  image_mode="rect:1024:64", proj_norm=True, ctc=True),
+                  image_mode="line:2048:64", proj_norm=True, ctc=True),
     "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(),
                 image_mode="base", proj_norm=False, ctc=False),
 }

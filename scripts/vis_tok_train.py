@@ -21,7 +21,7 @@ seed = 0
 resume = False  # continue from the last checkpoint in checkpoints/<model_tag>
 # model
 model = "tiny"  # preset: tiny (CPU), lines (tiny made to read text lines) or d20 (nanochat d20 + DeepEncoder)
-image_mode = ""  # empty = the preset's (tiny: resize:256, lines: rect:1024:64, d20: base)
+image_mode = ""  # empty = the preset's (tiny: resize:256, lines: line:2048:64, d20: base)
 max_seq_len = 0  # longest training sample in tokens; 0 = the longest record of the data (nothing is truncated)
 ctc_weight = 1.0  # weight of the auxiliary CTC loss, for presets with a CTC read-out (lines)
 start_from = ""  # a nanovlm checkpoint dir (or model_tag) to start from: weights only, new optimizer

@@ -71,18 +71,21 @@ def test_candidate_order_decides_ties():
 
 
 def test_custom_modes():
-    assert resolve_mode("resize:128") == ("resize:128", 128, True, None, None)
-    assert resolve_mode("pad:256") == ("pad:256", 256, False, None, None)
-    assert resolve_mode("gundam:128:256") == ("gundam:128:256", 256, False, 128, None)
+    assert resolve_mode("resize:128") == ("resize:128", 128, "squash", None, None)
+    assert resolve_mode("pad:256") == ("pad:256", 256, "letterbox", None, None)
+    assert resolve_mode("gundam:128:256") == ("gundam:128:256", 256, "letterbox", 128, None)
+    assert resolve_mode("line:2048:64") == ("line:2048:64", 2048, "line", None, 64)
+    assert count_image_tokens(90, 30, "line:2048:64") == 1 * 33 + 1
     rect = resolve_mode("rect:2048:64")
-    assert rect == ("rect:2048:64", 2048, True, None, 64) and str(rect) == "rect:2048:64"
+    assert rect == ("rect:2048:64", 2048, "squash", None, 64) and str(rect) == "rect:2048:64"
     assert resolve_mode(rect) is rect and resolve_mode("base") is resolve_mode("base")  # resolved once, kept
     assert count_image_tokens(320, 128, "rect:2048:64") == 1 * 33 + 1  # one row of 32 tokens, newline, separator
     assert count_image_tokens(320, 128, "rect:1024:128") == 2 * 17 + 1
     assert count_image_tokens(50, 500, "resize:128") == 2 * 3 + 1
     assert count_image_tokens(100, 100, "gundam:128:256") == 4 * 5 + 1
     assert count_image_tokens(300, 200, "gundam:128:256") == (2 * 2) * (3 * 2 + 1) + 21  # 3x2 tiles of 2x2 tokens
-    for bad in ("huge", "resize:100", "pad:0", "gundam:128", "resize:x", "pad:-64", "rect:2048", "rect:100:64"):
+    for bad in ("huge", "resize:100", "pad:0", "gundam:128", "resize:x", "pad:-64", "rect:2048", "rect:100:64",
+                "line:64"):
         with pytest.raises(ValueError, match="image mode"):
             count_image_tokens(10, 10, bad)
 
@@ -116,6 +119,16 @@ def test_squash_modes_fill_the_square():
         view = preprocess(white(1000, 300), mode).global_view
         assert view.shape == (3, size, size)
         torch.testing.assert_close(view, torch.ones(3, size, size))  # no grey anywhere: squashed, not padded
+
+
+def test_line_mode_keeps_the_glyphs_shape():
+    """line:W:H fills the height, keeps the aspect and pads grey on the right; a line wider than W is squashed."""
+    view = preprocess(white(300, 30), "line:2048:64").global_view
+    assert view.shape == (3, 64, 2048)
+    assert content_span(view[0, 32]) == (0, 639)  # 300x30 at height 64 is 640 wide; grey after it
+    assert view[0, 32, 640].item() == pytest.approx(GREY)
+    view = preprocess(white(3000, 30), "line:2048:64").global_view
+    torch.testing.assert_close(view, torch.ones(3, 64, 2048))  # 6400 wide at height 64: squashed into 2048
 
 
 def test_normalisation():

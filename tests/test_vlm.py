@@ -151,4 +151,4 @@ def test_conv_stem_runs_at_its_own_resolutions(tokenizer):
 def test_lines_preset_has_the_stem_and_reads_in_its_mode():
     from nanovlm.vlm import preset_configs
     _, encoder_config, mode = preset_configs("lines", 300)
-    assert encoder_config.sam_conv_stem and str(mode) == "rect:1024:64"
+    assert encoder_config.sam_conv_stem and str(mode) == "line:2048:64"
