@@ -4,6 +4,7 @@
 # tesseract for the comparison row. Installed with apt-get where this machine allows it; otherwise one line says
 # what is missing and the run goes on with what is there (nanovlm/fonts.py names what it found).
 # Never installed here: fonts-urw-base35 and r-doc-pdf, kept for independent checks.
+PDF_PACKAGES="gnuplot-doc asymptote-doc camlidl-doc gmsh-doc glpk-doc auto-multiple-choice-doc-pdf debian-reference-en fonts-sil-charis"
 DATA_PACKAGES="wamerican tesseract-ocr tesseract-ocr-eng poppler-utils
  fonts-dejavu-core fonts-dejavu-extra fonts-liberation2 fonts-croscore fonts-crosextra-carlito
  fonts-crosextra-caladea fonts-noto-core fonts-noto-mono fonts-open-sans fonts-roboto-unhinted fonts-lato
