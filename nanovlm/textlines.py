@@ -235,14 +235,14 @@ def degrade(rng, image, size):
     pixels = np.asarray(image, dtype=np.float32)
     if rng.random() < 0.3:  # faded print: pull ink and paper towards each other
         mid = pixels.mean()
-        pixels = mid + (pixels - mid) * rng.uniform(0.45, 0.9)
+        pixels = mid + (pixels - mid) * rng.uniform(0.6, 0.9)
     if rng.random() < 0.4:
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(2, 14), pixels.shape[:2])
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(2, 10), pixels.shape[:2])
         pixels = pixels + noise[..., None]
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     if rng.random() < 0.4:
         buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=rng.randint(25, 90))
+        image.save(buffer, "JPEG", quality=rng.randint(40 if size > 16 else 70, 92))
         image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return image
 
@@ -254,7 +254,7 @@ def render_text_line(rng, text, faces, words):
     size = round(np.exp(rng.uniform(np.log(11), np.log(56))))  # 10-12 pt at ~70-330 dpi
     above = [line_text(rng, words) for _ in range(rng.randint(0, 1))]
     lines = above + [text] + [line_text(rng, words) for _ in range(rng.randint(0, 1))]
-    light = rng.random() < 0.9
+    light = rng.random() < 0.95
     paper = tuple(rng.randint(215, 255) for _ in range(3)) if light else tuple(rng.randint(0, 60) for _ in range(3))
     ink = tuple(rng.randint(0, 80) for _ in range(3)) if light else tuple(rng.randint(200, 255) for _ in range(3))
     image, (x1, y1, x2, y2) = draw_band(rng, face, size, lines, ink, paper, len(above))
@@ -262,8 +262,8 @@ def render_text_line(rng, text, faces, words):
         image = image.rotate(rng.uniform(-1.5, 1.5), Image.Resampling.BICUBIC, center=((x1 + x2) / 2, (y1 + y2) / 2),
                              fillcolor=paper)
     h = y2 - y1
-    crop = (x1 - rng.uniform(0.05, 1.0) * h, y1 - rng.uniform(0.05, 0.7) * h,
-            x2 + rng.uniform(0.05, 1.0) * h, y2 + rng.uniform(0.05, 0.7) * h)
+    crop = (x1 - rng.uniform(0.05, 1.0) * h, y1 - rng.uniform(0.05, 0.4) * h,
+            x2 + rng.uniform(0.05, 1.0) * h, y2 + rng.uniform(0.05, 0.4) * h)
     image = image.crop(tuple(round(c) for c in crop))
     return degrade(rng, image, size)
 
