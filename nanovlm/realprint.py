@@ -5,25 +5,37 @@ above and below may show. The answer is the exact text of the run, read from the
 
     image, text = render_print(random.Random(0), "val")
 
-The train and val documents are disjoint and set in different fonts (Computer Modern and DejaVu for training,
-Liberation and Roboto for validation), so a val score measures reading print the model has not seen. Every
-document was checked to embed all the fonts its text uses (no substituted base-14 fonts).
+The train and val documents are disjoint and set in different fonts: training pages in Liberation, Roboto and
+DejaVu (families that nanovlm.textlines trains on too), validation pages in Computer Modern, whose families
+(CMU, Latin Modern) textlines holds out. Validation pages are also rasterised by another renderer (poppler's
+pdftoppm; training pages by PDFium), so a val score measures print whose fonts, documents and rasteriser the model
+has not seen. Every document was checked to embed all the fonts its text uses (no substituted base-14 fonts).
 """
 
 import atexit
 import ctypes
 import functools
 import gzip
+import io
 import os
+import shutil
+import subprocess
+import tempfile
 
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
+from PIL import Image
 
 PRINT_PACKAGES = ("gnuplot-doc asymptote-doc camlidl-doc gmsh-doc glpk-doc auto-multiple-choice-doc-pdf "
                   "debian-reference-en fonts-sil-charis")
 CHARIS_DOCS = "/usr/share/doc/fonts-sil-charis/documentation/pdf/"
 PRINT_DOCUMENTS = {
     "train": [
+        "/usr/share/debian-reference/debian-reference.en.pdf",  # 261 pages, Liberation Serif/Sans/Mono
+        "/usr/share/doc/auto-multiple-choice/auto-multiple-choice.en.pdf",  # 101 pages, DejaVu Serif/Sans/Mono
+    ] + [CHARIS_DOCS + f"{name}.pdf.gz" for name in  # 26 pages in all, Roboto (and samples in Charis SIL)
+         ("about", "design", "developer", "faq", "features", "history", "resources", "support", "versions")],
+    "val": [
         "/usr/share/doc/gnuplot/gnuplot.pdf",  # 311 pages, Computer Modern (roman, typewriter, bold)
         "/usr/share/doc/asymptote/asymptote.pdf",  # 196 pages, Computer Modern
         "/usr/share/doc/camlidl/camlidl-1.04.doc.pdf",  # 26 pages, Computer Modern
@@ -31,13 +43,9 @@ PRINT_DOCUMENTS = {
         "/usr/share/doc/glpk-doc/glpk.pdf",  # 177 pages, Computer Modern
         "/usr/share/doc/glpk-doc/gmpl.pdf",  # 74 pages, Computer Modern
         "/usr/share/doc/glpk-doc/graphs.pdf",  # 61 pages, Computer Modern
-        "/usr/share/doc/auto-multiple-choice/auto-multiple-choice.en.pdf",  # 101 pages, DejaVu Serif/Sans/Mono
     ],
-    "val": [
-        "/usr/share/debian-reference/debian-reference.en.pdf",  # 261 pages, Liberation Serif/Sans/Mono
-    ] + [CHARIS_DOCS + f"{name}.pdf.gz" for name in  # 26 pages in all, Roboto (and samples in Charis SIL)
-         ("about", "design", "developer", "faq", "features", "history", "resources", "support", "versions")],
 }
+RASTERISERS = {"train": "pdfium", "val": "poppler"}  # validation pages never pass through training's renderer
 
 MAX_CHARS = 40  # longest run, in characters
 DPI_RANGE = (100, 300)  # like scans and renders
@@ -289,6 +297,40 @@ def render_region(page, region, dpi):
     return bitmap.to_pil().convert("RGB")
 
 
+POPPLER_COPIES = {}  # path -> a plain PDF file that pdftoppm can read (compressed documents unpacked once)
+
+
+def poppler_readable(path):
+    if not path.endswith(".gz"):
+        return path
+    if path not in POPPLER_COPIES:
+        with gzip.open(path) as f, tempfile.NamedTemporaryFile(suffix=".pdf", delete=False) as copy:
+            shutil.copyfileobj(f, copy)
+        POPPLER_COPIES[path] = copy.name
+        atexit.register(os.unlink, copy.name)
+    return POPPLER_COPIES[path]
+
+
+def render_region_poppler(path, index, page, region, dpi):
+    """The same region rasterised by poppler's pdftoppm (a subprocess; validation sets only, where speed does not
+    matter), grayscale, as RGB; None when the region lies outside the visible page."""
+    if shutil.which("pdftoppm") is None:
+        raise ValueError("validation print is rasterised by poppler's pdftoppm: install Debian's poppler-utils "
+                         "(scripts/setup_data.sh does)")
+    page_left, page_bottom, page_right, page_top = page.get_bbox()
+    left, bottom = max(region[0], page_left), max(region[1], page_bottom)
+    right, top = min(region[2], page_right), min(region[3], page_top)
+    if right - left < 1 or top - bottom < 1:
+        return None
+    scale = dpi / 72  # pdftoppm crops in pixels from the page's top-left corner
+    crop = [round((left - page_left) * scale), round((page_top - top) * scale),
+            max(1, round((right - left) * scale)), max(1, round((top - bottom) * scale))]
+    command = ["pdftoppm", "-r", str(dpi), "-f", str(index + 1), "-l", str(index + 1), "-gray", "-png"]
+    command += [arg for flag, value in zip(("-x", "-y", "-W", "-H"), crop) for arg in (flag, str(value))]
+    result = subprocess.run(command + [poppler_readable(path)], capture_output=True, check=True)
+    return Image.open(io.BytesIO(result.stdout)).convert("RGB")
+
+
 def render_print(rng, split, max_chars=MAX_CHARS, dpi=None):
     """
     A run of consecutive words from one text line of a real typeset page of the split, as (PIL RGB image, text).
@@ -314,8 +356,12 @@ def render_print(rng, split, max_chars=MAX_CHARS, dpi=None):
             continue  # dot leaders and lone symbols; rules drawn in place of characters, underlines
         region = crop_box(rng, box, lines, marks)
         page = open_document(path)[index]
+        dpi = dpi or rng.randint(*DPI_RANGE)
         try:
-            image = render_region(page, region, dpi or rng.randint(*DPI_RANGE))
+            if RASTERISERS.get(split, "pdfium") == "poppler":
+                image = render_region_poppler(path, index, page, region, dpi)
+            else:
+                image = render_region(page, region, dpi)
         finally:
             page.close()
         if image is not None:

@@ -611,8 +611,8 @@ def make_sample(kind, seed, split, index, short=False, attempt=0):
     rng = sample_rng(seed, split, index, attempt)
     image, answer = render(rng, split) if kind in SPLIT_KINDS else render(rng, short)
     assert 0 < len(answer) <= MAX_ANSWER_CHARS, f"{kind} sample {index}: answer of {len(answer)} chars"
-    record = {"id": f"{split}_{index:06d}_{kind}", "prompt": prompt, "answer": answer, "source": "synth",
-              "type": kind}
+    record = {"id": f"{split}_{index:06d}_{kind}", "prompt": prompt, "answer": answer,
+              "source": "print" if kind == "print" else "synth", "type": kind}  # print: cut from real pages
     return record, image
 
 

@@ -47,8 +47,6 @@ def write_sample(job):
     """Render one sample, save its PNG under out_dir/images, return its record (a worker's whole job)."""
     out_dir, kind, seed, split, index = job
     record, image = make_sample(kind, seed, split, index)
-    if kind == "print":
-        record["source"] = "print"  # cut from real typeset pages, not drawn
     record["image"] = f"images/{record['id']}.png"
     image.save(os.path.join(out_dir, record["image"]), compress_level=1)  # fast; barely larger than the default
     return record

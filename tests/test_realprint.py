@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 
 import pytest
 
@@ -43,9 +44,10 @@ def write_pdf(path, lines, rules=()):
 
 @pytest.fixture
 def documents(tmp_path, monkeypatch):
-    """One small PDF as the only document of both splits."""
+    """One small PDF as the only document of both splits, both rasterised by PDFium (poppler: its own test)."""
     path = write_pdf(tmp_path / "page.pdf", LINES + RULE_LINE, [RULE])
     monkeypatch.setattr(realprint, "PRINT_DOCUMENTS", {"train": [path], "val": [path]})
+    monkeypatch.setattr(realprint, "RASTERISERS", {"train": "pdfium", "val": "pdfium"})
     return path
 
 
@@ -88,6 +90,21 @@ def test_image_size_follows_the_dpi(documents):
     assert abs(image_200.width - 2 * image_100.width) <= 2 and abs(image_200.height - 2 * image_100.height) <= 2
     points = len(text_100) * COURIER_ADVANCE  # the run's width; margins add at most a line height at each side
     assert points * 100 / 72 - 1 < image_100.width < (points + 30) * 100 / 72
+
+
+def test_validation_pages_go_through_another_rasteriser(documents, monkeypatch):
+    """The val split's default rasteriser is poppler's pdftoppm: the same run and crop as PDFium's, drawn by other
+    code; without pdftoppm it is one clear error."""
+    assert realprint.RASTERISERS is not None and "poppler" not in realprint.RASTERISERS.values()  # the fixture's
+    pdfium_image, pdfium_text = realprint.render_print(random.Random(4), "val", dpi=150)
+    monkeypatch.setattr(realprint, "RASTERISERS", {"train": "pdfium", "val": "poppler"})
+    if shutil.which("pdftoppm"):
+        image, text = realprint.render_print(random.Random(4), "val", dpi=150)
+        assert text == pdfium_text and image.mode == "RGB"
+        assert abs(image.width - pdfium_image.width) <= 2 and abs(image.height - pdfium_image.height) <= 2
+    monkeypatch.setattr(realprint.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="poppler-utils"):
+        realprint.render_print(random.Random(4), "val", dpi=150)
 
 
 def test_same_seed_same_sample(documents):
