@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
@@ -331,6 +332,11 @@ def render_region_poppler(path, index, page, region, dpi):
     return Image.open(io.BytesIO(result.stdout)).convert("RGB")
 
 
+# PDFium is not thread-safe, and the training loader draws samples in threads: one sample at a time goes
+# through it (about 7 ms each), whichever thread asks
+PDFIUM_LOCK = threading.Lock()
+
+
 def render_print(rng, split, max_chars=MAX_CHARS, dpi=None):
     """
     A run of consecutive words from one text line of a real typeset page of the split, as (PIL RGB image, text).
@@ -338,6 +344,11 @@ def render_print(rng, split, max_chars=MAX_CHARS, dpi=None):
     run of at most max_chars characters (1 word up to max_chars, roughly uniform in length); it is rasterised at
     dpi (default: drawn from DPI_RANGE) with random margins. Deterministic given rng.
     """
+    with PDFIUM_LOCK:
+        return draw_print(rng, split, max_chars, dpi)
+
+
+def draw_print(rng, split, max_chars, dpi):
     pages = all_pages(tuple(print_documents(split)))
     for _ in range(ATTEMPTS):
         path, index = rng.choice(pages)

@@ -151,3 +151,14 @@ def test_make_data_writes_print_records(documents, tmp_path):
     for record in records:
         assert record["prompt"] == "<image>\nFree OCR." and record["source"] == record["type"] == "print"
         assert os.path.exists(os.path.join(os.path.dirname(path), record["image"])) and record["answer"]
+
+
+def test_threads_draw_the_same_samples_as_one_thread(documents):
+    """The training loader draws in threads; PDFium is not thread-safe, so samples go through it one at a time and
+    come out as a single thread draws them."""
+    from concurrent.futures import ThreadPoolExecutor
+    draw = lambda seed: realprint.render_print(random.Random(seed), "train")  # noqa: E731
+    alone = [draw(seed) for seed in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(draw, range(12)))
+    assert [(t, i.tobytes()) for i, t in together] == [(t, i.tobytes()) for i, t in alone]
