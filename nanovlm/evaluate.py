@@ -1,7 +1,7 @@
 """
 Evaluate a model on dataset records: greedy answers through the engine, teacher-forced loss on the reference
 answer, the image gap and feature spread, and the metrics of nanovlm.metrics. Shared by scripts/vision_sample.py
-and training-time eval.
+and training-time eval. read_images answers loaded images in batches (scripts/ocr.py, scripts/bench_read.py).
 
 The image gap says whether the model uses the image at all: the teacher-forced answer loss with each record's
 image swapped for another record's, minus the loss with its own image. A model that reads has a large gap (the
@@ -14,6 +14,7 @@ import torch
 
 from nanovlm.dataloader import collate, image_to, load_record_image, prompt_ids, render_record
 from nanovlm.engine import Engine, room_to_generate
+from nanovlm.image_process import preprocess
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
 
 IMAGE_GAP_WARN = 0.05  # nats per answer token: below this the model barely looks at its images
@@ -130,6 +131,26 @@ def record_losses(model, rendered, features, pad_id, device):
         swapped_loss = swapped[row][keep].mean().item() if got_other[row] and keep.any() else None
         losses.append((own[row][keep].mean().item(), swapped_loss))
     return losses
+
+
+def read_images(engine, pictures, prompts, image_mode, max_new_tokens, batch_size=8, temperature=0.0, top_k=None,
+                seed=42):
+    """
+    The answers (text) to loaded images, each asked its own prompt (text holding one <image>): batch_size images
+    at a time through Engine.generate_many, one batch after another. Each batch is preprocessed when its turn
+    comes, so only one batch of views is on the device. Greedy answers do not depend on batch_size.
+    """
+    device = engine.model.get_device()
+    answers = []
+    for start in range(0, len(pictures), batch_size):
+        batch = pictures[start:start + batch_size]
+        ids = [prompt_ids(engine.tokenizer, prompt, picture, image_mode)
+               for prompt, picture in zip(prompts[start:start + batch_size], batch)]
+        views = [[image_to(preprocess(picture, image_mode), device)] for picture in batch]
+        outputs = engine.generate_many(ids, images=views, max_tokens=max_new_tokens, temperature=temperature,
+                                       top_k=top_k, seed=seed)
+        answers += [engine.tokenizer.decode(out) for out in outputs]
+    return answers
 
 
 def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, autocast=None, batch_size=8,

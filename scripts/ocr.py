@@ -19,9 +19,10 @@ from PIL import ImageDraw
 from configurator import configure
 from nanovlm.checkpoint import image_mode_of, load_vlm, reading_prompt
 from nanovlm.common import autocast_context, compute_init, get_base_dir
+from nanovlm.dataloader import image_to, prompt_ids
 from nanovlm.engine import Engine, room_to_generate
-from nanovlm.dataloader import prompt_ids
-from nanovlm.image_process import PreprocessedImage, load_image, preprocess
+from nanovlm.evaluate import read_images
+from nanovlm.image_process import load_image, preprocess
 from nanovlm.metrics import parse_boxes
 
 image = ""  # the image to read, or several, comma-separated
@@ -96,10 +97,6 @@ prompt, note = reading_prompt(meta, prompt)
 if note:
     print(f"prompt {prompt!r}: {note} (--prompt to ask another)")
 
-views = []
-for picture in pictures:
-    global_view, tiles, tiling = preprocess(picture, image_mode)
-    views.append(PreprocessedImage(global_view.to(device), tiles.to(device) if tiles is not None else None, tiling))
 prompts = [prompt_ids(tokenizer, prompt, picture, image_mode) for picture in pictures]
 longest = max(len(ids) for ids in prompts)
 try:
@@ -113,11 +110,10 @@ if max_new_tokens > room:
 engine = Engine(model, tokenizer)
 with autocast_context(device.type):
     if len(paths) == 1:
-        answers = [stream(engine, prompts[0], views[0], max_new_tokens)]
-    else:
-        outputs = engine.generate_many(prompts, images=[[v] for v in views], max_tokens=max_new_tokens,
-                                       temperature=temperature, top_k=top_k or None, seed=seed)
-        answers = [tokenizer.decode(out) for out in outputs]
+        answers = [stream(engine, prompts[0], image_to(preprocess(pictures[0], image_mode), device), max_new_tokens)]
+    else:  # all in one batch
+        answers = read_images(engine, pictures, [prompt] * len(pictures), image_mode, max_new_tokens,
+                              batch_size=len(pictures), temperature=temperature, top_k=top_k or None, seed=seed)
 for path, picture, answer in zip(paths, pictures, answers):
     if len(paths) > 1:
         print(f"== {path}\n{answer}")

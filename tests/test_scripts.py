@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -49,8 +51,8 @@ def short_checkpoint(checkpoint, tokenizer):
     return base, data
 
 
-def run(base, *args):
-    env = dict(os.environ, NANOVLM_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+def run(base, *args, **env):
+    env = dict(os.environ, NANOVLM_BASE_DIR=str(base), OMP_NUM_THREADS="1", **env)
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -255,6 +257,53 @@ def test_bench_engine_checks_its_tokens_and_ends_with_the_batch_speedup(tmp_path
     lines = out.stdout.strip().splitlines()
     assert "same tokens: engine vs naive True, batched vs one by one True" in lines
     assert lines[-2].startswith("speedup ") and lines[-1].startswith("batch speedup ")
+
+
+def read_rows(stdout, data):
+    """The table rows of one set: reader -> [n, CER, exact, lines/s]."""
+    rows = [line.split() for line in stdout.splitlines() if line.startswith(data + " ")]
+    return {row[1]: row[2:] for row in rows if row[1] in ("ours", "tesseract")}
+
+
+def test_bench_read_reports_ours_alone_without_tesseract(checkpoint, tmp_path):
+    base, _ = checkpoint
+    lines = write_dataset(str(tmp_path / "lines"), ["TOTAL 12.00", "hello world", "RX-4471"])
+    broken = write_dataset(str(tmp_path / "broken"), ["gone", "kept"])
+    os.remove(tmp_path / "broken" / "images" / "0.png")
+    no_tesseract = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                                   if not os.path.exists(os.path.join(d, "tesseract")))
+    out_json = tmp_path / "read.json"
+    out = run(base, "scripts.bench_read", f"--data={lines},{broken}", "--model_tag=rand", "--max_new_tokens=4",
+              "--batch_size=2", f"--json={out_json}", PATH=no_tesseract)
+    assert out.returncode == 0, out.stderr
+    assert "tesseract is not installed (Debian package tesseract-ocr)" in out.stdout
+    ours = read_rows(out.stdout, lines)["ours"]
+    assert ours[0] == "3" and float(ours[1]) >= 0 and ours[2].endswith("/3") and float(ours[3]) > 0
+    assert set(read_rows(out.stdout, broken)) == {"ours"}
+    assert out.stdout.count("does not exist") == 1 and "ours: record r0: " in out.stdout  # an empty answer
+    assert out.stdout.strip().splitlines()[-1] == "lines/s ratio (ours / tesseract): - (no tesseract)"
+    summary = json.loads(out_json.read_text())
+    first, second = summary["sets"]
+    assert first["data"] == lines and first["ours"]["n"] == 3 and first["ours"]["lines_per_s"] > 0
+    assert first["tesseract"] is None and summary["ratio"] is None and second["ours"]["n"] == 2
+    missing = run(base, "scripts.bench_read", f"--data={lines},{tmp_path / 'nowhere.json'}", "--model_tag=rand")
+    assert missing.returncode != 0 and "dataset not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("tesseract") is None, reason="tesseract is not installed")
+def test_bench_read_compares_with_tesseract(checkpoint, tmp_path):
+    base, _ = checkpoint
+    lines = write_dataset(str(tmp_path / "lines"), ["TOTAL 12.00", "hello world", "RX-4471"])
+    out_json = tmp_path / "read.json"
+    out = run(base, "scripts.bench_read", f"--data={lines}", "--model_tag=rand", "--max_new_tokens=4",
+              f"--json={out_json}")
+    assert out.returncode == 0, out.stderr
+    rows = read_rows(out.stdout, lines)
+    assert set(rows) == {"ours", "tesseract"} and rows["tesseract"][0] == "3" and float(rows["tesseract"][3]) > 0
+    assert re.fullmatch(r"lines/s ratio \(ours / tesseract\): \d+\.\d\dx \(geometric mean over 1 sets\)",
+                        out.stdout.strip().splitlines()[-1])
+    summary = json.loads(out_json.read_text())
+    assert summary["sets"][0]["tesseract"]["n"] == 3 and summary["ratio"] == pytest.approx(summary["sets"][0]["ratio"])
 
 
 def test_bench_deepseek_needs_the_reference_code(tmp_path):
