@@ -1,6 +1,7 @@
 """
 Does SAM learn to see characters? The `lines` preset's SAM alone (no compressor, CLIP or GPT) trained with its CTC
-read-out on line2 text lines drawn on the fly: the cheap test bed for the plateau that decides whether the whole
+read-out on text lines drawn on the fly (`kind`: read, the lexicon-and-fonts lines lines.sh trains on, or line2,
+the earlier pool-and-one-font lines): the cheap test bed for the plateau that decides whether the whole
 model reads (see the README, "Does it read?"). It prints the CTC loss (and its running mean) every log_every steps
 and, at the end, the step where the running mean first fell below `escaped_below`: the plateau, at about 3.5 nats
 per character, is the read-out guessing character frequencies without locating them.
@@ -21,7 +22,8 @@ from nanovlm.image_process import preprocess
 from nanovlm.synth import make_sample
 from nanovlm.vlm import ctc_loss, preset_configs
 
-seed = 0  # initialisation seed; the lines are always line2's training stream of data seed 1, as in lines.sh
+seed = 0  # initialisation seed; the lines are always the kind's training stream of data seed 1, as in lines.sh
+kind = "read"  # read or line2 (any kind whose answer is one line)
 steps = 1000
 batch_size = 16
 lr = 2e-3  # AdamW (0.9, 0.95), no weight decay, gradients clipped to 1, like the full run's vision groups
@@ -48,10 +50,10 @@ print0(f"SAM of the lines preset, conv stem {encoder_config.sam_conv_stem or 'no
 
 
 def line_batch(first):
-    """batch_size line2 training lines from index `first`: pixels (B, 3, H, W) and their texts' bytes."""
+    """batch_size training lines of the kind from index `first`: pixels (B, 3, H, W) and their texts' bytes."""
     pixels, texts = [], []
     for index in range(first, first + batch_size):
-        record, image = make_sample("line2", 1, "train", index)
+        record, image = make_sample(kind, 1, "train", index)
         pixels.append(preprocess(image, mode).global_view)
         texts.append(torch.tensor(list(record["answer"].encode("utf-8"))))
     return torch.stack(pixels), texts
