@@ -129,6 +129,10 @@ def build_model(cfg, device):
     else:
         tokenizer = get_tokenizer(cfg["tokenizer_dir"] or None)
     gpt_config, encoder_config, image_mode = preset_configs(cfg["model"], tokenizer.get_vocab_size(), cfg["image_mode"])
+    if cfg.get("token_ctc_split", 0) > 0:
+        if not encoder_config.ctc_rows:
+            raise RunError(f"--token_ctc_split needs a preset with a CTC read-out (lines), not {cfg['model']}")
+        encoder_config.token_ctc_split = cfg["token_ctc_split"]  # the tokens the GPT sees, read out like SAM's neck
     if gpt is not None:
         gpt_config = gpt.config
         encoder_config.out_dim = gpt_config.n_embd

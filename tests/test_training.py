@@ -282,3 +282,16 @@ def test_views_of_a_collated_batch_names_every_view(tokenizer, tmp_path):
     assert type(batch[2][0]).__name__ == "PreprocessedImage"  # named through collate
     tiles = batch[2][0].tiles.size(0)
     assert tiles > 1 and views_of(batch[2]) == ([(256, 256)] + [(128, 128)] * tiles) * 2
+
+
+def test_token_ctc_split_adds_the_token_read_out_to_a_lines_model(tokenizer, monkeypatch):
+    """--token_ctc_split=N builds the read-out of the projected tokens (N CTC steps each) beside SAM's; a preset
+    without a CTC read-out refuses it."""
+    import nanovlm.training as training
+    monkeypatch.setattr(training, "get_tokenizer", lambda directory=None: tokenizer)
+    cfg = dict(start_from="", init_from="", tokenizer_dir="", model="lines", image_mode="", vision_from="",
+               sam_from="", clip_from="", token_ctc_split=4)
+    model = training.build_model(cfg, "cpu").model
+    assert model.encoder.config.token_ctc_split == 4 and model.encoder.token_ctc_head.out_features == 4 * 257
+    with pytest.raises(RunError, match="CTC read-out"):
+        training.build_model(dict(cfg, model="tiny"), "cpu")
