@@ -16,6 +16,7 @@ from nanovlm.dataloader import collate, image_to, load_record_image, prompt_ids,
 from nanovlm.engine import Engine, room_to_generate
 from nanovlm.image_process import preprocess
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
+from nanovlm.vlm import ctc_greedy
 
 IMAGE_GAP_WARN = 0.05  # nats per answer token: below this the model barely looks at its images
 FEATURE_SPREAD_WARN = 0.01  # below this, different images give the same SAM features: the encoder collapsed
@@ -133,6 +134,15 @@ def record_losses(model, rendered, features, pad_id, device):
     return losses
 
 
+def ctc_read(model, images):
+    """What SAM's CTC read-out (a training-only head of the lines models) reads in each image's global view: how
+    much of the text the encoder sees, whatever the GPT makes of it. None for models without the read-out."""
+    if model.encoder.config.ctc_rows == 0:
+        return [None] * len(images)
+    _, neck = model.encoder.sam(torch.stack([views[0] for views in images]), return_neck=True)
+    return ctc_greedy(model.encoder.sam.ctc_logits(neck))
+
+
 def read_images(engine, pictures, prompts, image_mode, max_new_tokens, batch_size=8, temperature=0.0, top_k=None,
                 seed=42):
     """
@@ -182,12 +192,13 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
             features = model.encoder.encode_images(images)  # once, for everything below
             losses = dict(zip(fits, record_losses(model, [rendered[r] for r in fits], [features[r] for r in fits],
                                                   pad_id, device)))
+            ctc_texts = ctc_read(model, images)
             prompts = [prompt for _, _, prompt, _ in group]
             answers = []
             for start in range(0, len(group), batch_size):
                 answers += engine.generate_many(prompts[start:start + batch_size],
                                                 features=features[start:start + batch_size], max_tokens=wanted)
-        for row, ((index, record, _, (ids, _, _)), answer) in enumerate(zip(group, answers)):
+        for row, ((index, record, _, (ids, _, _)), answer, ctc_text) in enumerate(zip(group, answers, ctc_texts)):
             if row not in losses:
                 print(f"record {record['id']}: no loss: {len(ids) - 1} tokens with its reference, more than the "
                       f"{max_tokens - 1} this model trained on (answered and scored all the same)")
@@ -196,6 +207,8 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
             samples[index] = dict(id=record["id"], prompt=record["prompt"], prediction=pred,
                                   reference=record["answer"], loss=loss, swapped_loss=swapped_loss,
                                   **score(pred, record["answer"]))
+            if ctc_text is not None:
+                samples[index].update(ctc_prediction=ctc_text, ctc_cer=cer(ctc_text, record["answer"]))
         group.clear()
 
     for index, record in enumerate(records):
@@ -230,4 +243,5 @@ def summarize(samples):
     return {"n": n, "exact": exact, "exact_rate": exact / n if n else 0.0, "cer": mean("cer", samples),
             "ned": mean("ned", samples), "word_precision": mean("word_precision", samples),
             "loss": mean("loss", samples), "image_gap": sum(gaps) / len(gaps) if gaps else None,
-            "det_rate": mean("det_rate", boxed), "iou": mean("iou", boxed), "samples": samples}
+            "det_rate": mean("det_rate", boxed), "iou": mean("iou", boxed), "ctc_cer": mean("ctc_cer", samples),
+            "samples": samples}

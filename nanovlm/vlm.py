@@ -101,6 +101,16 @@ def ctc_loss(log_probs, texts):
     return F.ctc_loss(log_probs, flat, torch.full((B,), T, dtype=torch.long), lengths, blank=0, zero_infinity=True)
 
 
+def ctc_greedy(log_probs):
+    """The text of each row of a (steps, B, classes) read-out, decoded greedily: the best class per step, repeats
+    merged, blanks dropped, classes back to bytes (class b + 1 is byte b)."""
+    texts = []
+    for row in log_probs.argmax(-1).t().tolist():
+        kept = [c - 1 for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1])]
+        texts.append(bytes(kept).decode("utf-8", errors="replace"))
+    return texts
+
+
 class VLM(nn.Module):
     def __init__(self, gpt, encoder, image_token_id):
         super().__init__()

@@ -79,6 +79,8 @@ if rank == 0:
           f"ned {fmt(summary['ned'])} | word precision {fmt(summary['word_precision'])} | "
           f"loss {fmt(summary['loss'])} | image gap {fmt(summary['image_gap'])} | "
           f"det rate {fmt(summary['det_rate'])} | iou {fmt(summary['iou'])}")
+    if summary["ctc_cer"] is not None:  # the lines models' training-only read-out: what the encoder itself reads
+        print(f"SAM's CTC read-out (not the answer): cer {summary['ctc_cer']:.4f}")
     if summary["image_gap"] is not None and summary["image_gap"] < IMAGE_GAP_WARN:
         print(f"warning: image gap {summary['image_gap']:.4f}: the answers barely depend on the image")
     if json:

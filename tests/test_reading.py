@@ -18,7 +18,7 @@ from nanovlm.image_process import count_image_tokens, preprocess
 from nanovlm.metrics import wrong_characters
 from nanovlm.sheet import make_sheet
 from nanovlm.training import RunError, calibrate_image_norm, ctc_targets_of, sequence_length
-from nanovlm.vlm import build_vlm, preset_configs
+from nanovlm.vlm import build_vlm, ctc_greedy, preset_configs
 
 ANSWERS = ["alpha 12.50", "beta 3 4 5", "gamma OPEN", "delta line"]
 
@@ -206,3 +206,26 @@ def test_batched_generation_mixes_image_modes_and_text_only_rows(tokenizer, vlm,
     one_by_one = [engine.generate_batch(p, images=im, max_tokens=12, temperature=0.0)[0][0][len(p):]
                   for p, im in rows]
     assert engine.generate_many([p for p, _ in rows], images=[im for _, im in rows], max_tokens=12) == one_by_one
+
+
+def test_ctc_greedy_merges_repeats_and_drops_blanks():
+    """Class 0 is the blank, class b + 1 byte b: 'aa' needs a blank between its letters, a repeat is one letter."""
+    a, b = ord("a") + 1, ord("b") + 1
+    steps = [[a, a, 0, a, b, b, 0], [0, 0, 0, 0, 0, 0, 0]]  # "aab" and nothing
+    log_probs = torch.full((7, 2, 257), -10.0)
+    for row, classes in enumerate(steps):
+        for t, c in enumerate(classes):
+            log_probs[t, row, c] = 0.0
+    assert ctc_greedy(log_probs) == ["aab", ""]
+
+
+def test_eval_reports_what_the_ctc_read_out_reads(tokenizer, tmp_path):
+    """A lines model's eval scores its SAM read-out beside the answer (ctc_prediction, ctc_cer, the summary's
+    ctc_cer); a model without the read-out has none."""
+    records = load_records(write_dataset(str(tmp_path), ANSWERS))
+    model = reading_vlm(tokenizer, "line:1024:64", ctc=True)
+    summary = summarize(evaluate_records(model, tokenizer, records, "line:1024:64", max_new_tokens=2))
+    assert all(isinstance(s["ctc_prediction"], str) and s["ctc_cer"] >= 0 for s in summary["samples"])
+    assert summary["ctc_cer"] == pytest.approx(sum(s["ctc_cer"] for s in summary["samples"]) / len(records))
+    plain = summarize(evaluate_records(reading_vlm(tokenizer), tokenizer, records, "resize:128", max_new_tokens=2))
+    assert plain["ctc_cer"] is None and "ctc_cer" not in plain["samples"][0]
