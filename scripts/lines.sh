@@ -26,8 +26,8 @@ python -m scripts.vis_tok_train --model=lines --model_tag=lines --tokenizer_dir=
     --eval_every=1500 --eval_samples=32 --loader_workers=1 "$@"
 for set in words:data/synth_read_words fonts:data/synth_read_fonts print:data/print_val; do
     python -m scripts.vision_sample --model_tag=lines --data="${set#*:}/dataset.json" \
-        --json="$base/lines/eval_${set%%:*}.json" --sheet="$base/lines/sheet_${set%%:*}.png" | tail -n 3
+        --json="$base/lines/eval_${set%%:*}.json" --sheet="$base/lines/sheet_${set%%:*}.png" | tail -n 4
 done
-python -m scripts.bench_read --model_tag=lines --json="$base/lines/bench_read.json" \
+python -m scripts.bench_read --model_tag=lines --batch_size=32 --json="$base/lines/bench_read.json" \
     --data=data/synth_read_words/dataset.json,data/synth_read_fonts/dataset.json,data/print_val/dataset.json
 echo "lines run finished in $(( $(date +%s) - start ))s"
