@@ -85,3 +85,27 @@ def test_rendering_is_deterministic_and_held_out_fonts_stay_out_of_training(word
     assert isinstance(image_a, Image.Image) and image_a.mode == "RGB" and image_a.height >= 8
     with pytest.raises(ValueError, match="never for training"):
         render_read_fonts(random.Random(0), "train")
+
+
+def test_every_installed_font_draws_every_printable_character():
+    """A label is only right if its font draws each character: no face of either side may fall back to its
+    missing-glyph box (or nothing) for printable ASCII. Checks the faces installed here (all of them on a machine
+    set up by scripts/setup_data.sh)."""
+    from PIL import ImageDraw
+
+    def glyph(font, char):
+        image = Image.new("L", (48, 48))
+        ImageDraw.Draw(image).text((4, 4), char, font=font, fill=255)
+        return image.tobytes()
+
+    clear_caches()
+    faces = [face for face in font_faces(False) if face is not None]
+    try:
+        faces += font_faces(True)
+    except ValueError:
+        pass  # no held-out family installed here
+    characters = [c for c in string.printable if c.isprintable() and c != " "]
+    for face in faces:
+        font = textlines.get_font(face, 24)
+        missing = {glyph(font, char) for char in ("\ue000", "\U000f0000")}  # private use: never in a text font
+        assert not [c for c in characters if glyph(font, c) in missing], face
