@@ -1,9 +1,9 @@
 # Sourced by scripts/lines.sh: the system packages that the reading data and its checks draw on.
-# Fonts to train on and fonts held out for validation (nanovlm/fonts.py splits them by family), an English word
+# Fonts to train on and fonts held out for validation (nanovlm/textlines.py splits them by family), an English word
 # list (wamerican, split into a training and a validation lexicon), typeset PDF manuals for real print, and
 # tesseract for the comparison row. Installed with apt-get where this machine allows it; otherwise one line says
-# what is missing and the run goes on with what is there (nanovlm/fonts.py names what it found).
-# Never installed here: fonts-urw-base35 and r-doc-pdf, kept for independent checks.
+# what is missing and the run goes on with what is there (nanovlm/textlines.py says what it lacks).
+# Never installed here: the fonts and the manuals that independent checks keep for themselves (README).
 PDF_PACKAGES="gnuplot-doc asymptote-doc camlidl-doc gmsh-doc glpk-doc auto-multiple-choice-doc-pdf debian-reference-en fonts-sil-charis"
 DATA_PACKAGES="wamerican tesseract-ocr tesseract-ocr-eng poppler-utils
  fonts-dejavu-core fonts-dejavu-extra fonts-liberation2 fonts-croscore fonts-crosextra-carlito
@@ -13,7 +13,7 @@ DATA_PACKAGES="wamerican tesseract-ocr tesseract-ocr-eng poppler-utils
  fonts-adf-berenis fonts-adf-gillius fonts-adf-universalis fonts-adf-romande fonts-adf-tribun fonts-adf-verana
  fonts-adf-mekanus fonts-cabin fonts-quattrocento fonts-jetbrains-mono fonts-oldstandard fonts-comfortaa
  fonts-sil-andika fonts-cmu fonts-courier-prime fonts-league-spartan fonts-yanone-kaffeesatz
- fonts-averia-serif-gwf fonts-tuffy fonts-femkeklaver"
+ fonts-averia-serif-gwf fonts-tuffy"
 missing_packages() {
     local p
     for p in $DATA_PACKAGES $PDF_PACKAGES; do
