@@ -9,13 +9,12 @@ Every sample is a pure function of (seed, split, index): make_sample(kind, seed,
 scripts/make_data.py writes such samples to disk; the dataloader can also draw them on the fly ("synth:" data).
 """
 
-import functools
 import glob
 import random
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from nanovlm.textlines import render_read, render_read_fonts
+from nanovlm.textlines import get_font, render_read, render_read_fonts  # get_font: one font cache
 
 MAX_ANSWER_CHARS = 600
 
@@ -99,11 +98,6 @@ FONT_FACES = [None]  # None is Pillow's bundled font; main() may add system font
 
 def system_font_files():
     return sorted(glob.glob("/usr/share/fonts/**/DejaVuSans*.ttf", recursive=True))
-
-
-@functools.lru_cache(maxsize=None)
-def get_font(face, size):
-    return ImageFont.load_default(size=size) if face is None else ImageFont.truetype(face, size)
 
 
 def text_width(face, size, text):
