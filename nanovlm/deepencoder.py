@@ -74,6 +74,18 @@ class DeepEncoderConfig:
     # token_ctc_split: > 0 adds the same read-out on the projected tokens the language model sees (one row of
     # them), each token read as this many CTC steps: the whole path into the GPT learns to carry the characters.
     token_ctc_split: int = 0
+    # cols_per_token: SAM patch columns per visual token. 4 is DeepSeek's compressor (two stride-2 convs); a text
+    # line may keep 2 or 1 (net_3, then net_2 too, stride 1 across), so that a token holds about one character
+    # instead of three: what the language model must unpick from one token is what limits a tiny model's reading.
+    # Rows are always compressed 4x; the weights' shapes do not change.
+    cols_per_token: int = 4
+
+    def col_strides(self):
+        """(net_2, net_3) strides across columns for cols_per_token."""
+        strides = {4: (2, 2), 2: (2, 1), 1: (1, 1)}
+        if self.cols_per_token not in strides:
+            raise ValueError(f"cols_per_token must be 4, 2 or 1, not {self.cols_per_token}")
+        return strides[self.cols_per_token]
 
     def patches_per_side(self, pixels):
         return pixels // self.sam_patch_size
@@ -83,9 +95,10 @@ class DeepEncoderConfig:
         convs (2: the visual tokens, 4x fewer per side; 1: net_2's output). The one home of this rule."""
         return math.ceil(self.patches_per_side(pixels) / 2 ** convs)
 
-    def token_grid(self, height, width):
-        """(rows, cols) of the projected grid for an H x W view."""
-        return (self.tokens_per_side(height), self.tokens_per_side(width))
+    def token_grid(self, height, width, convs=2):
+        """(rows, cols) of the projected grid for an H x W view (convs=1: of net_2's output)."""
+        col_stride = math.prod(self.col_strides()[:convs])
+        return (self.tokens_per_side(height, convs), math.ceil(self.patches_per_side(width) / col_stride))
 
     @classmethod
     def tiny(cls, **overrides):
@@ -356,8 +369,9 @@ class Sam(nn.Module):
             LayerNorm2d(d),
         )
         # no activation or norm between or after these two
-        self.net_2 = nn.Conv2d(d, config.net2_dim, kernel_size=3, stride=2, padding=1, bias=False)
-        self.net_3 = nn.Conv2d(config.net2_dim, config.clip_dim, kernel_size=3, stride=2, padding=1, bias=False)
+        col_2, col_3 = config.col_strides()
+        self.net_2 = nn.Conv2d(d, config.net2_dim, kernel_size=3, stride=(2, col_2), padding=1, bias=False)
+        self.net_3 = nn.Conv2d(config.net2_dim, config.clip_dim, kernel_size=3, stride=(2, col_3), padding=1, bias=False)
         if config.ctc_rows > 0:
             self.ctc_head = nn.Linear(d * config.ctc_rows, config.ctc_classes)
         self.gradient_checkpointing = False
@@ -387,7 +401,7 @@ class Sam(nn.Module):
             else:
                 x = block(x)
         neck = self.neck(x.permute(0, 3, 1, 2))  # (B, neck_dim, H/16, W/16)
-        out = self.net_3(self.net_2(neck))  # (B, clip_dim, H/64, W/64)
+        out = self.net_3(self.net_2(neck))  # (B, clip_dim, H/64, W/16/cols_per_token)
         return (out, neck) if return_neck else out
 
 

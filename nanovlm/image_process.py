@@ -14,7 +14,8 @@ Custom sizes (for the tiny CPU encoder, or experiments): "resize:S" squashes to 
 S x S, "gundam:T:G" tiles at T px (when a side exceeds T) with a G px global view, and "rect:W:H" squashes to a
 W x H rectangle, and "line:W:H" scales a text line to height H keeping its aspect, left-aligned, and pads it on the
 right with grey to W (squashing it only where it is wider than W: line:2048:64 gives one row of 32 tokens, and
-glyphs of the same size whatever the line's length). Sizes are multiples of 64.
+glyphs of the same size whatever the line's length); "line:W:H:C" keeps C SAM patch columns per token (4, the
+default, 2 or 1: line:2048:64:1 gives one row of 128 tokens). Sizes are multiples of 64.
 
 Pixels are normalised with mean 0.5, std 0.5 to [-1, 1]; the letterbox grey (127, 127, 127) becomes -1/255.
 """
@@ -28,13 +29,15 @@ from PIL import Image, ImageOps
 
 from nanovlm.deepencoder import DeepEncoderConfig
 
-class ImageMode(namedtuple("ImageMode", "name global_size fit tile_size global_height", defaults=(None,))):
+class ImageMode(namedtuple("ImageMode", "name global_size fit tile_size global_height cols_per_token",
+                           defaults=(None, 4))):
     """
     A resolved image mode: name, the string it came from ("base", "rect:1024:64", ...: what metas store and flags
     take); global_size, the width of the global view; fit, how the image meets that size: "squash" (resized to
     it), "letterbox" (centred, keeping its aspect, grey around) or "line" (height filled, grey on the right);
     tile_size, the side of a tile, None for modes without tiles; global_height, the height of a rectangular
-    global view, None for a square one. A mode is resolved once, where the flag or meta is read (resolve_mode),
+    global view, None for a square one; cols_per_token, SAM patch columns per visual token (4: DeepSeek's
+    compressor; "line:W:H:C" may keep 2 or 1, see DeepEncoderConfig.cols_per_token). A mode is resolved once, where the flag or meta is read (resolve_mode),
     and travels as this object.
     """
     __slots__ = ()
@@ -80,14 +83,17 @@ def resolve_mode(mode):
         sizes = [int(s) for s in sizes]
     except ValueError:
         sizes = []
+    cols_per_token = sizes.pop() if kind == "line" and len(sizes) == 3 else 4
     shapes = {"resize": 1, "pad": 1, "gundam": 2, "rect": 2, "line": 2}
-    if kind not in shapes or len(sizes) != shapes[kind] or any(s <= 0 or s % 64 for s in sizes):
+    if (kind not in shapes or len(sizes) != shapes[kind] or any(s <= 0 or s % 64 for s in sizes)
+            or cols_per_token not in (1, 2, 4)):
         raise ValueError(f"unknown image mode {mode!r}: use one of {', '.join(MODES)}, or 'resize:S', 'pad:S', "
-                         f"'gundam:T:G', 'rect:W:H' or 'line:W:H' with sizes that are positive multiples of 64")
+                         f"'gundam:T:G', 'rect:W:H' or 'line:W:H' with sizes that are positive multiples of 64 "
+                         f"('line:W:H:C' keeps C = 4, 2 or 1 SAM patch columns per token)")
     if kind == "gundam":
         return ImageMode(mode, sizes[1], "letterbox", sizes[0])
     if kind in ("rect", "line"):
-        return ImageMode(mode, sizes[0], "squash" if kind == "rect" else "line", None, sizes[1])
+        return ImageMode(mode, sizes[0], "squash" if kind == "rect" else "line", None, sizes[1], cols_per_token)
     return ImageMode(mode, sizes[0], "squash" if kind == "resize" else "letterbox", None)
 
 
@@ -136,7 +142,8 @@ def count_image_tokens(width, height, mode, max_tiles=MAX_TILES):
     """
     mode = resolve_mode(mode)
     width_px, height_px = global_shape(mode)
-    rows, cols = ENCODER.tokens_per_side(height_px), ENCODER.tokens_per_side(width_px)
+    rows = ENCODER.tokens_per_side(height_px)
+    cols = -(-ENCODER.patches_per_side(width_px) // mode.cols_per_token)
     count = rows * (cols + 1) + 1
     w, h = choose_tiling(width, height, mode, max_tiles)
     if (w, h) != (1, 1):

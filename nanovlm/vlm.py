@@ -80,7 +80,7 @@ def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
                                                          preset["gpt"]["sequence_len"]))
     encoder_kwargs = dict(preset["encoder"])
     make = DeepEncoderConfig.tiny if encoder_kwargs.pop("tiny", False) else DeepEncoderConfig
-    encoder_config = make(out_dim=gpt_config.n_embd, **encoder_kwargs)
+    encoder_config = make(out_dim=gpt_config.n_embd, cols_per_token=image_mode.cols_per_token, **encoder_kwargs)
     width, height = global_shape(image_mode)
     if preset["proj_norm"]:
         if image_mode.tile_size:
@@ -210,13 +210,14 @@ class VLM(nn.Module):
         geometry = self.encoder.config
         for height, width in views:
             patches = geometry.patches_per_side(height) * geometry.patches_per_side(width)
-            net_2 = geometry.tokens_per_side(height, convs=1) * geometry.tokens_per_side(width, convs=1)
-            grid = geometry.tokens_per_side(height) * geometry.tokens_per_side(width)
+            net_2 = math.prod(geometry.token_grid(height, width, convs=1))
+            token_rows, token_cols = geometry.token_grid(height, width)
+            grid = token_rows * token_cols
             for i in range(len(geometry.sam_conv_stem)):  # stem layer i runs at 1/2^(i+1) of the pixels per side
                 positions[f"sam_stem{i}"] += math.ceil(height / 2 ** (i + 1)) * math.ceil(width / 2 ** (i + 1))
             for stage, count in (("sam", patches), ("sam_ctc", geometry.patches_per_side(width)), ("net_2", net_2),
                                  ("net_3", grid), ("clip", grid + 1), ("projector", grid),
-                                 ("token_ctc", geometry.tokens_per_side(width))):
+                                 ("token_ctc", token_cols)):
                 if stage in positions:
                     positions[stage] += count
         for stage in positions:

@@ -71,13 +71,16 @@ def test_candidate_order_decides_ties():
 
 
 def test_custom_modes():
-    assert resolve_mode("resize:128") == ("resize:128", 128, "squash", None, None)
-    assert resolve_mode("pad:256") == ("pad:256", 256, "letterbox", None, None)
-    assert resolve_mode("gundam:128:256") == ("gundam:128:256", 256, "letterbox", 128, None)
-    assert resolve_mode("line:2048:64") == ("line:2048:64", 2048, "line", None, 64)
+    assert resolve_mode("resize:128") == ("resize:128", 128, "squash", None, None, 4)
+    assert resolve_mode("pad:256") == ("pad:256", 256, "letterbox", None, None, 4)
+    assert resolve_mode("gundam:128:256") == ("gundam:128:256", 256, "letterbox", 128, None, 4)
+    assert resolve_mode("line:2048:64") == ("line:2048:64", 2048, "line", None, 64, 4)
+    assert resolve_mode("line:2048:64:1") == ("line:2048:64:1", 2048, "line", None, 64, 1)
     assert count_image_tokens(90, 30, "line:2048:64") == 1 * 33 + 1
+    assert count_image_tokens(90, 30, "line:2048:64:2") == 1 * 65 + 1  # 2 patch columns a token
+    assert count_image_tokens(90, 30, "line:2048:64:1") == 1 * 129 + 1  # one token per patch column
     rect = resolve_mode("rect:2048:64")
-    assert rect == ("rect:2048:64", 2048, "squash", None, 64) and str(rect) == "rect:2048:64"
+    assert rect == ("rect:2048:64", 2048, "squash", None, 64, 4) and str(rect) == "rect:2048:64"
     assert resolve_mode(rect) is rect and resolve_mode("base") is resolve_mode("base")  # resolved once, kept
     assert count_image_tokens(320, 128, "rect:2048:64") == 1 * 33 + 1  # one row of 32 tokens, newline, separator
     assert count_image_tokens(320, 128, "rect:1024:128") == 2 * 17 + 1
@@ -85,7 +88,7 @@ def test_custom_modes():
     assert count_image_tokens(100, 100, "gundam:128:256") == 4 * 5 + 1
     assert count_image_tokens(300, 200, "gundam:128:256") == (2 * 2) * (3 * 2 + 1) + 21  # 3x2 tiles of 2x2 tokens
     for bad in ("huge", "resize:100", "pad:0", "gundam:128", "resize:x", "pad:-64", "rect:2048", "rect:100:64",
-                "line:64"):
+                "line:64", "line:2048:64:3", "rect:2048:64:1"):
         with pytest.raises(ValueError, match="image mode"):
             count_image_tokens(10, 10, bad)
 

@@ -152,3 +152,25 @@ def test_lines_preset_has_the_stem_and_reads_in_its_mode():
     from nanovlm.vlm import preset_configs
     _, encoder_config, mode = preset_configs("lines", 300)
     assert encoder_config.sam_conv_stem and str(mode) == "line:2048:64"
+
+
+def test_line_modes_keep_more_columns_with_the_same_weights():
+    """line:W:H:C keeps C SAM patch columns per token: the same weights, a grid C times finer across, and as many
+    features as count_image_tokens promises the prompt."""
+    from nanovlm.image_process import count_image_tokens
+    from nanovlm.vlm import build_vlm, preset_configs
+
+    shapes = {}
+    for cols in (4, 2, 1):
+        gpt_config, encoder_config, mode = preset_configs("lines", 300, f"line:512:64:{cols}")
+        assert encoder_config.cols_per_token == cols and encoder_config.proj_norm_grid == (1, 32 // cols)
+        model = build_vlm(gpt_config, encoder_config, 3)
+        shapes[cols] = {k: v.shape for k, v in model.state_dict().items() if "proj_norm" not in k}
+        model.eval()
+        sequence = model.encoder.encode_image(torch.randn(3, 64, 512))
+        assert sequence.shape[0] == count_image_tokens(500, 60, mode) == 32 // cols + 2
+        assert model.encoder.sam(torch.randn(1, 3, 64, 512)).shape[-2:] == (1, 32 // cols)
+        # net_2 runs at 2 x (32 / its column stride) positions, net_3 and what follows at 32 / cols
+        net_2, net_3 = model.encoder.config.token_grid(64, 512, convs=1), model.encoder.config.token_grid(64, 512)
+        assert net_2 == (2, {4: 16, 2: 16, 1: 32}[cols]) and net_3 == (1, 32 // cols)
+    assert shapes[4] == shapes[2] == shapes[1]
