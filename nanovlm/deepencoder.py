@@ -79,6 +79,11 @@ class DeepEncoderConfig:
     # instead of three: what the language model must unpick from one token is what limits a tiny model's reading.
     # Rows are always compressed 4x; the weights' shapes do not change.
     cols_per_token: int = 4
+    # ctc_to_tokens: the CTC read-out's character probabilities of each neck column, embedded (a Linear from the
+    # classes) and added to that column's token (needs cols_per_token 1 and one row of tokens). The language model
+    # then sees what SAM reads where it reads it: left to learn is spelling it out in order, not first decoding
+    # characters from the compressed features, which was the slow part of learning to read.
+    ctc_to_tokens: bool = False
 
     def col_strides(self):
         """(net_2, net_3) strides across columns for cols_per_token."""
@@ -526,6 +531,12 @@ class DeepEncoder(nn.Module):
             self.proj_norm = nn.BatchNorm1d(rows * cols * config.out_dim, affine=False)
         if config.token_ctc_split > 0:
             self.token_ctc_head = nn.Linear(config.out_dim, config.token_ctc_split * config.ctc_classes)
+        if config.ctc_to_tokens:
+            if config.cols_per_token != 1 or config.ctc_rows == 0:
+                raise ValueError("ctc_to_tokens adds each neck column's reading to its token: it needs the CTC "
+                                 f"read-out and cols_per_token 1 (got ctc_rows {config.ctc_rows}, "
+                                 f"cols_per_token {config.cols_per_token})")
+            self.ctc_embed = nn.Linear(config.ctc_classes, config.out_dim, bias=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -576,6 +587,9 @@ class DeepEncoder(nn.Module):
         features = self.projector(torch.cat([clip_tokens, sam_tokens], dim=-1))  # CLIP first, then SAM
         if self.config.proj_norm_grid:
             features = self.normalize_across_images(features)
+        if self.config.ctc_to_tokens:
+            reading = self.sam.ctc_logits(neck).exp().transpose(0, 1)  # (B, cols, classes): SAM's reading per column
+            features = features + self.ctc_embed(reading.to(features.dtype))
         return (features, neck) if return_neck else features
 
     def token_ctc_logits(self, grids):

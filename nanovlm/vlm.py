@@ -40,7 +40,7 @@ COMPONENTS = [
     ("sam", NOT_LORA + r"encoder\.sam\.(?!net_2\.|net_3\.).*"),
     ("compressor", NOT_LORA + r"encoder\.sam\.net_[23]\..*"),
     ("clip", NOT_LORA + r"encoder\.clip\..*"),
-    ("projector", NOT_LORA + r"encoder\.(projector\..*|token_ctc_head\..*|image_newline|view_seperator)"),
+    ("projector", NOT_LORA + r"encoder\.(projector\..*|token_ctc_head\..*|ctc_embed\..*|image_newline|view_seperator)"),
     ("gpt_matrices", NOT_LORA + r"gpt\.transformer\.h\.\d+\..*"),
     ("embeddings", r"gpt\.transformer\.wte\.weight"),
     ("lm_head", r"gpt\.lm_head\.weight"),

@@ -174,3 +174,31 @@ def test_line_modes_keep_more_columns_with_the_same_weights():
         net_2, net_3 = model.encoder.config.token_grid(64, 512, convs=1), model.encoder.config.token_grid(64, 512)
         assert net_2 == (2, {4: 16, 2: 16, 1: 32}[cols]) and net_3 == (1, 32 // cols)
     assert shapes[4] == shapes[2] == shapes[1]
+
+
+def test_ctc_to_tokens_adds_each_columns_reading_to_its_token():
+    """ctc_to_tokens: token j = the projected features of column j + an embedding of SAM's CTC reading of column j;
+    the language model's loss reaches the read-out through it, and the head belongs to the projector's group."""
+    from nanovlm.vlm import build_vlm, component_of, preset_configs
+
+    gpt_config, encoder_config, _ = preset_configs("lines", 300, "line:512:64:1")
+    encoder_config.ctc_to_tokens = True
+    torch.manual_seed(0)
+    model = build_vlm(gpt_config, encoder_config, 3).eval()
+    encoder = model.encoder
+    pixels = torch.randn(2, 3, 64, 512)
+    features, neck = encoder(pixels, return_neck=True)
+    encoder.config.ctc_to_tokens = False  # the same weights without the reading
+    plain = encoder(pixels)
+    encoder.config.ctc_to_tokens = True
+    reading = encoder.sam.ctc_logits(neck).exp()  # (cols, B, classes)
+    assert torch.allclose(reading.sum(-1), torch.ones(32, 2))
+    assert torch.allclose(features, plain + reading.transpose(0, 1) @ encoder.ctc_embed.weight.T, atol=1e-5)
+    features.square().mean().backward()
+    assert encoder.sam.ctc_head.weight.grad.abs().sum() > 0
+    assert component_of("encoder.ctc_embed.weight") == "projector"
+    for mode in ("line:512:64", "line:512:64:2"):
+        _, config, _ = preset_configs("lines", 300, mode)
+        config.ctc_to_tokens = True
+        with pytest.raises(ValueError, match="cols_per_token 1"):
+            build_vlm(gpt_config, config, 3)
