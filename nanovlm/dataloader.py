@@ -1,5 +1,5 @@
 """
-Data: dataset records -> ready batches (inputs, targets, images, state) on the device.
+Data: dataset records -> ready batches (inputs, targets, images, doc_ids, state) on the device.
 
 A record is {id, image, prompt, answer, ...}; `image` is relative to the dataset JSON and the prompt holds one
 `<image>`. One sample is the two-turn conversation [user: prompt, assistant: answer] rendered with N <|image|>
@@ -210,24 +210,56 @@ def render_text(conversation, tokenizer, max_tokens):
     return ids[:max_tokens], mask[:max_tokens], None
 
 
-def collate(samples, pad_id, device):
+def pack_rows(samples, row_len):
     """
-    samples: (ids, mask, image) triples -> inputs (B, L), targets (B, L), images (list, batch order).
-    L is the longest sample minus one; shorter rows are padded (input pad_id, target -1).
+    Samples into rows of at most row_len input tokens (a sample's is len(ids) - 1), first fit in loader order: a
+    sample goes to the first row with room for all of it, or starts a new row. Samples are never split. Returns
+    the rows as lists of samples; row_len 0: one sample per row (no packing).
     """
-    L = max(len(ids) for ids, _, _ in samples) - 1
-    inputs = torch.full((len(samples), L), pad_id, dtype=torch.long)
-    targets = torch.full((len(samples), L), -1, dtype=torch.long)
-    for row, (ids, mask, _) in enumerate(samples):
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        keep = torch.tensor(mask[1:], dtype=torch.bool)
-        inputs[row, :len(ids) - 1] = ids_t[:-1]
-        targets[row, :len(ids) - 1] = torch.where(keep, ids_t[1:], -1)
+    if not row_len:
+        return [[sample] for sample in samples]
+    rows, room = [], []
+    for sample in samples:
+        n = len(sample[0]) - 1
+        assert n <= row_len, f"a sample of {n} tokens does not fit a row of {row_len}"
+        fits = next((r for r, left in enumerate(room) if n <= left), None)
+        if fits is None:
+            rows.append([])
+            room.append(row_len)
+            fits = len(rows) - 1
+        rows[fits].append(sample)
+        room[fits] -= n
+    return rows
+
+
+def collate(samples, pad_id, device, row_len=0):
+    """
+    samples: (ids, mask, image) triples -> inputs (B, L), targets (B, L), images, doc_ids (B, L).
+    Each sample gives its ids[:-1] as inputs and ids[1:] as targets (-1 where the mask is 0). row_len > 0 packs
+    several samples into a row (pack_rows); 0 gives every sample its own row. L is the longest row; shorter
+    rows are padded (input pad_id, target -1). doc_ids numbers the samples of each row 1, 2, ... and is 0 on
+    padding (GPT.forward's doc_ids; (doc_ids == 0) counts the padding). images follow the rows in row-major order,
+    the order of the <|image|> runs that VLM.embed fills.
+    """
+    rows = pack_rows(samples, row_len)
+    L = max(sum(len(ids) - 1 for ids, _, _ in row) for row in rows)
+    inputs = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), L), -1, dtype=torch.long)
+    doc_ids = torch.zeros((len(rows), L), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for doc, (ids, mask, _) in enumerate(row, 1):
+            ids_t = torch.tensor(ids, dtype=torch.long)
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            end = start + len(ids) - 1
+            inputs[r, start:end] = ids_t[:-1]
+            targets[r, start:end] = torch.where(keep, ids_t[1:], -1)
+            doc_ids[r, start:end] = doc
+            start = end
     use_cuda = torch.device(device).type == "cuda"
-    inputs = inputs.to(device, non_blocking=use_cuda)
-    targets = targets.to(device, non_blocking=use_cuda)
-    images = [image_to(image, device) for _, _, image in samples if image is not None]
-    return inputs, targets, images
+    inputs, targets, doc_ids = (t.to(device, non_blocking=use_cuda) for t in (inputs, targets, doc_ids))
+    images = [image_to(image, device) for row in rows for _, _, image in row if image is not None]
+    return inputs, targets, images, doc_ids
 
 
 def image_to(image, device):
@@ -282,10 +314,13 @@ def initial_state():
 
 
 def vision_batches(records, tokenizer, batch_size, max_tokens, image_mode, device="cpu", seed=0, rank=0,
-                   world_size=1, texts=None, text_ratio=0.0, resume_state=None, strict=False, num_workers=4):
+                   world_size=1, texts=None, text_ratio=0.0, resume_state=None, strict=False, num_workers=4,
+                   pack=False):
     """
-    Endless generator of (inputs, targets, images, state) for one rank.
+    Endless generator of (inputs, targets, images, doc_ids, state) for one rank (see collate).
     max_tokens bounds a sample's length (the model's sequence_len + 1 for the shifted targets).
+    pack: the batch_size samples share rows of up to max_tokens - 1 tokens (fewer rows, less padding); the
+    samples, and so the loss and the resume state, are those of the unpacked batch.
     """
     texts = texts or []
     pad_id = tokenizer.encode_special("<|assistant_end|>")
@@ -322,14 +357,14 @@ def vision_batches(records, tokenizer, batch_size, max_tokens, image_mode, devic
             bad_in_a_row = 0
             batch.append(sample)
             if len(batch) == batch_size:
-                inputs, targets, images = collate(batch, pad_id, device)
-                yield inputs, targets, images, state_after
+                yield *collate(batch, pad_id, device, max_tokens - 1 if pack else 0), state_after
                 batch = []
 
 
 def eval_batches(records, tokenizer, batch_size, max_tokens, image_mode, device="cpu", rank=0, world_size=1):
     """
-    One ordered pass over this rank's share of the records (for validation loss): (inputs, targets, images).
+    One ordered pass over this rank's share of the records (for validation loss): (inputs, targets, images), one
+    record per row (unpacked: the per-row losses of evaluate.validation_sums need it).
     A bad record is reported and left out, as in training.
     """
     def render_or_none(record):
@@ -346,7 +381,7 @@ def eval_batches(records, tokenizer, batch_size, max_tokens, image_mode, device=
             if sample is not None:
                 batch.append(sample)
             if len(batch) == batch_size:
-                yield collate(batch, pad_id, device)
+                yield collate(batch, pad_id, device)[:3]
                 batch = []
         if batch:
-            yield collate(batch, pad_id, device)
+            yield collate(batch, pad_id, device)[:3]

@@ -122,7 +122,7 @@ def record_losses(model, rendered, features, pad_id, device):
     """
     if not rendered:
         return []
-    inputs, targets, _ = collate([(ids, mask, None) for ids, mask, _ in rendered], pad_id, device)
+    inputs, targets = collate([(ids, mask, None) for ids, mask, _ in rendered], pad_id, device)[:2]
     own = answer_losses(model, inputs, targets, features=features)
     other, got_other = swapped_images(inputs, features, model.image_token_id)
     swapped = answer_losses(model, inputs, targets, features=other) if got_other.any() else None

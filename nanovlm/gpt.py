@@ -6,6 +6,8 @@ The GPT: nanochat's December 2025 model, math for math, so its checkpoints load 
 - ReLU^2 MLP, no biases anywhere, untied lm_head, logits softcapped at 15
 Added for vision: forward(embeds=...) takes ready input embeddings (image features spliced into the token
 embeddings), and resize_vocab() grows the vocabulary for new special tokens without touching old rows.
+Added for packed training: forward(doc_ids=...) runs rows that hold several samples, each as if it were alone
+(attention block-diagonal and causal, rotary positions from 0 at every sample).
 """
 
 import math
@@ -83,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         kv_width = self.n_kv_head * self.head_dim
         return linear(x, self._qkv[1]).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
 
-    def forward(self, x, cos_sin, kv_cache):
+    def forward(self, x, cos_sin, kv_cache, attn_mask=None):
         B, T, C = x.size()
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -99,7 +101,10 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if kv_cache is not None and kv_cache.row_start is not None:
+        if attn_mask is not None:
+            # packed rows: each token sees the earlier tokens of its own sample only (sample_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        elif kv_cache is not None and kv_cache.row_start is not None:
             # rows of different lengths, left-padded: each row sees its own tokens only (KVCache.attention_mask)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attention_mask(Tq, Tk), enable_gqa=gqa)
         elif kv_cache is None or Tq == Tk:
@@ -134,10 +139,27 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x, cos_sin, kv_cache, attn_mask=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, attn_mask)
         x = x + self.mlp(norm(x))
         return x
+
+
+def sample_positions(doc_ids):
+    """(B, T) rotary positions of packed rows: each token's distance from the first token of its sample (doc_ids
+    (B, T): equal ids for the tokens of one sample, a new id at every sample start)."""
+    columns = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return columns - torch.where(starts, columns, 0).cummax(dim=1).values
+
+
+def sample_mask(doc_ids):
+    """(B, 1, T, T) bool for SDPA: a query sees the keys at or before it in its own sample. Built once per forward
+    and shared by the layers; every query sees at least itself, so no row of scores is empty."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
 class KVCache:
@@ -298,18 +320,27 @@ class GPT(nn.Module):
         self.lm_head.out_features = new_vocab_size
         self.config.vocab_size = new_vocab_size
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", embeds=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", embeds=None, doc_ids=None):
         """
         idx: (B, T) token ids, or None when embeds (B, T, n_embd) are given (image features already spliced in).
         Returns fp32 softcapped logits (B, T, vocab_size), or the loss when targets (B, T) are given
         (targets of -1 are ignored; loss_reduction 'mean' or 'none' as in F.cross_entropy).
+        doc_ids (B, T), for rows packed with several samples (training, no kv_cache): the sample of each token, a
+        new id at every sample start. No token then attends across samples and positions restart at each one.
+        None: one sample per row, plain causal attention.
         """
         x = self.transformer.wte(idx) if embeds is None else embeds
         B, T = x.shape[:2]
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} exceeds the rotary cache {self.cos.size(1)}"
         assert self.cos.device == x.device, f"rotary tables on {self.cos.device}, input on {x.device}"
-        if kv_cache is not None and kv_cache.row_start is not None:
+        attn_mask = None
+        if doc_ids is not None:
+            assert kv_cache is None, "packed rows (doc_ids) are for training, not for a kv_cache"
+            positions = sample_positions(doc_ids)  # (B, T): each sample counts from 0
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+            attn_mask = sample_mask(doc_ids)
+        elif kv_cache is not None and kv_cache.row_start is not None:
             positions = kv_cache.positions(T)  # (B, T): each row counts from its own first token
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
         else:
@@ -321,9 +352,9 @@ class GPT(nn.Module):
         x = norm(x)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos_sin, kv_cache, use_reentrant=False)
+                x = checkpoint(block, x, cos_sin, kv_cache, attn_mask, use_reentrant=False)
             else:
-                x = block(x, cos_sin, kv_cache)
+                x = block(x, cos_sin, kv_cache, attn_mask)
         x = norm(x)
 
         if targets is not None and loss_reduction == "mean":

@@ -215,14 +215,18 @@ def sequence_length(model, tokenizer, records, texts, image_mode, max_seq_len):
 
 
 def ctc_targets_of(inputs, targets, tokenizer, image_token_id):
-    """The text each image of the batch shows, as byte tensors for the CTC read-out: the answer of every row that
-    holds an image (its supervised tokens without the special ones), in the batch's image order."""
+    """The text each image of the batch shows, as byte tensors for the CTC read-out: the answer of every sample
+    that holds an image (its supervised tokens without the special ones), in the batch's image order. A sample
+    starts at its <|bos|>, so a packed row holding several gives each its own text."""
     specials = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    bos = tokenizer.get_bos_token_id()
     texts = []
-    for row in range(inputs.size(0)):
-        if (inputs[row] == image_token_id).any():
-            ids = [t for t in targets[row].tolist() if t != -1 and t not in specials]
-            texts.append(torch.tensor(list(tokenizer.decode(ids).encode("utf-8")), dtype=torch.long))
+    for row_inputs, row_targets in zip(inputs.tolist(), targets.tolist()):
+        starts = [i for i, t in enumerate(row_inputs) if t == bos] + [len(row_inputs)]
+        for a, b in zip(starts, starts[1:]):
+            if image_token_id in row_inputs[a:b]:
+                ids = [t for t in row_targets[a:b] if t != -1 and t not in specials]
+                texts.append(torch.tensor(list(tokenizer.decode(ids).encode("utf-8")), dtype=torch.long))
     return texts
 
 
@@ -399,18 +403,21 @@ def train_step(run, loader, batch):
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    tokens, flops, loss_sum, ctc_sum = 0, 0, 0.0, 0.0
+    tokens, padding, flops, loss_sum, ctc_sum = 0, 0, 0, 0.0, 0.0
     for micro in range(run.grad_accum):
-        inputs, targets, images, run.loader_state = batch
+        inputs, targets, images, doc_ids, run.loader_state = batch
+        padding += (doc_ids == 0).sum()  # row padding: in tok/sec, but no sample's
+        packed = doc_ids if cfg["pack"] else None  # unpacked rows: plain causal attention, no mask
         sync = not run.ddp or micro == run.grad_accum - 1  # DDP all-reduces only on the last micro-batch
         with (run.train_model.no_sync() if not sync else contextlib.nullcontext()), run.autocast:
             if use_ctc:
                 ctc_targets = ctc_targets_of(inputs, targets, run.tokenizer, model.image_token_id)
-                loss, ctc = run.train_model(inputs, images=images, targets=targets, ctc_targets=ctc_targets)
+                loss, ctc = run.train_model(inputs, images=images, targets=targets, ctc_targets=ctc_targets,
+                                            doc_ids=packed)
                 ctc_sum += ctc.detach()
                 total = loss + cfg["ctc_weight"] * ctc
             else:
-                loss = total = run.train_model(inputs, images=images, targets=targets)
+                loss = total = run.train_model(inputs, images=images, targets=targets, doc_ids=packed)
         (total / run.grad_accum).backward()
         loss_sum += loss.detach()
         tokens += inputs.numel()
@@ -440,7 +447,7 @@ def train_step(run, loader, batch):
     dt = time.time() - t0
     ctc_loss = float(ctc_sum) / run.grad_accum if use_ctc else None  # this rank's, for the log line only
     return batch, dict(loss=train_loss.item(), ctc=ctc_loss, lrm=lrm, dt=dt, tokens=tokens * run.world_size,
-                       flops=float(flops))
+                       flops=float(flops), pad=float(padding) / tokens)
 
 
 def log_step(run, stats):
@@ -455,9 +462,10 @@ def log_step(run, stats):
     mfu = f"{100 * stats['flops'] / stats['dt'] / run.peak_flops:.2f}" if run.peak_flops else "-"
     ctc_part = f" | ctc {stats['ctc']:.4f}" if stats["ctc"] is not None else ""
     n = run.cfg["num_iterations"]
+    # pad: the share of this rank's tokens in the step that are row padding (tok/sec counts them, as it runs them)
     print0(f"step {run.step:05d}/{n:05d} ({100 * run.step / n:.2f}%) | loss {debiased:.6f}{ctc_part} | "
-           f"lrm {stats['lrm']:.2f} | dt {stats['dt'] * 1000:.1f}ms | tok/sec {tok_per_sec:,} | mfu {mfu} | "
-           f"total time {run.total_time / 60:.2f}m")
+           f"lrm {stats['lrm']:.2f} | dt {stats['dt'] * 1000:.1f}ms | tok/sec {tok_per_sec:,} | pad "
+           f"{100 * stats['pad']:.1f}% | mfu {mfu} | total time {run.total_time / 60:.2f}m")
     if run.step % 10 == 0:
         run.logger.log({"step": run.step, "train/loss": debiased, "train/lrm": stats["lrm"], "train/dt": stats["dt"],
                         "train/tok_per_sec": tok_per_sec})
@@ -532,7 +540,7 @@ def train(cfg):
     loader = vision_batches(run.records, run.tokenizer, run.device_batch_size, run.max_tokens, run.image_mode,
                             run.device, seed=cfg["seed"], rank=run.rank, world_size=run.world_size, texts=run.texts,
                             text_ratio=cfg["text_ratio"], resume_state=run.loader_state, strict=cfg["strict"],
-                            num_workers=cfg["loader_workers"])
+                            num_workers=cfg["loader_workers"], pack=cfg["pack"])
     batch = next(loader)
     while True:
         last_step = run.step == cfg["num_iterations"]

@@ -158,18 +158,18 @@ class VLM(nn.Module):
         return (x, readouts) if return_readouts else x
 
     def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean", ctc_targets=None,
-                features=None):
+                features=None, doc_ids=None):
         """
         Logits (B, T, vocab) or the loss, as GPT.forward, for token ids with images spliced in (or their encoded
-        features, see embed).
+        features, see embed); doc_ids for rows packed with several samples (GPT.forward).
         ctc_targets (training with a CTC read-out): one byte tensor per image, the text it shows; then the result
         is (language-model loss, CTC loss), from one pass of the encoder.
         """
         if ctc_targets is None:
             return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
-                            embeds=self.embed(idx, images, features=features))
+                            embeds=self.embed(idx, images, features=features), doc_ids=doc_ids)
         embeds, readouts = self.embed(idx, images, return_readouts=True)
-        lm_loss = self.gpt(None, targets=targets, embeds=embeds)
+        lm_loss = self.gpt(None, targets=targets, embeds=embeds, doc_ids=doc_ids)
         return lm_loss, self.ctc_loss(readouts, ctc_targets)
 
     def ctc_loss(self, readouts, ctc_targets):
@@ -203,7 +203,9 @@ class VLM(nn.Module):
         4-bit weights count by their elements, not their packed bytes. Stages, in forward order: SAM body, net_2,
         net_3, CLIP, projector, each GPT block, lm_head (read-out heads beside their stage). Plus the GPT's
         attention scores, nanochat's 12 x layers x heads x head_dim x seq_len per token. Attention inside the
-        encoder is left out.
+        encoder is left out. Packed rows (several samples each) count the same: their block-diagonal mask goes to
+        SDPA as a dense (T, T) mask, which scores every pair of the row and discards the masked ones, so what runs
+        is the row's seq_len, not each sample's.
         """
         stages = weight_elements_by_stage(self)
         positions = dict.fromkeys(stages, 0)
