@@ -29,6 +29,7 @@ from nanovlm.evaluate import FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_recor
 from nanovlm.image_process import resolve_mode
 from nanovlm.importers import load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat
 from nanovlm.lora import ADAPTER_KEYS, prepare_adapters
+from nanovlm.report import new_history, record_eval, record_step, resume_history, write_report
 from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
 from nanovlm.vlm import COMPONENTS, build_vlm, component_of, freeze, model_meta, preset_configs, \
     weight_elements_by_stage
@@ -312,6 +313,8 @@ class Run:
     peak_flops: float = None  # the GPU's bf16 peak, for MFU; None where we do not know it
     flop_stages: dict = None  # weights by FLOP stage, counted only when peak_flops is known
     metrics: dict = field(default_factory=dict)
+    history: dict = None  # for report.md: the steps and evals so far, the run's wall clock
+    samples: list = None  # the last eval's scored greedy answers (rank 0), for the report's prediction sheet
 
     @property
     def master(self):
@@ -320,6 +323,7 @@ class Run:
 
 def setup(cfg):
     """Everything a run needs before its first step: processes, model, optimizer, data; restored on --resume."""
+    history = new_history()  # the report's wall clock starts before the model is built
     ddp, rank, local_rank, world_size, device = compute_init(cfg["device_type"], seed=cfg["seed"])
     checkpoint_dir = os.path.join(get_base_dir(), cfg["model_tag"])
     model, tokenizer, image_mode, resume_step, adapter = setup_model(cfg, checkpoint_dir, device, rank == 0)
@@ -353,7 +357,7 @@ def setup(cfg):
                       find_unused_parameters=texts is not None) if ddp else model
     run = Run(cfg, ddp, rank, world_size, device, checkpoint_dir, model, train_model, tokenizer, image_mode, adapter,
               optimizer, records, val_records, texts, max_tokens, device_batch_size, grad_accum,
-              autocast_context(device.type), get_wandb(cfg["run"], "nanovlm", cfg, rank))
+              autocast_context(device.type), get_wandb(cfg["run"], "nanovlm", cfg, rank), history=history)
     run.peak_flops = peak_flops(device)
     run.flop_stages = weight_elements_by_stage(model) if run.peak_flops else None
     if resume_step is not None:
@@ -380,6 +384,7 @@ def restore(run, step):
     run.loader_state = rank_state["loader_state"]
     run.smooth_loss = meta["loop_state"]["smooth_loss"]
     run.total_time = meta["loop_state"]["total_time"]
+    resume_history(run.history, run.checkpoint_dir, step)
 
 
 def skip_step(run, what):
@@ -466,6 +471,7 @@ def log_step(run, stats):
     print0(f"step {run.step:05d}/{n:05d} ({100 * run.step / n:.2f}%) | loss {debiased:.6f}{ctc_part} | "
            f"lrm {stats['lrm']:.2f} | dt {stats['dt'] * 1000:.1f}ms | tok/sec {tok_per_sec:,} | pad "
            f"{100 * stats['pad']:.1f}% | mfu {mfu} | total time {run.total_time / 60:.2f}m")
+    record_step(run.history, run.step, stats, debiased)
     if run.step % 10 == 0:
         run.logger.log({"step": run.step, "train/loss": debiased, "train/lrm": stats["lrm"], "train/dt": stats["dt"],
                         "train/tok_per_sec": tok_per_sec})
@@ -491,6 +497,7 @@ def evaluate(run):
         summary = summarize(evaluate_records(model, run.tokenizer, run.val_records[:cfg["eval_samples"]],
                                              run.image_mode, cfg["max_new_tokens"], run.autocast))
         metrics.update({"val/exact": summary["exact"], "val/cer": summary["cer"]})
+        run.samples = summary["samples"]
         first = summary["samples"][0]
         print0(f"sample {first['id']}: {first['prediction'][:120]!r}")
     line = f"Step {run.step:05d} | val loss {metrics['val/loss']:.4f}"
@@ -506,6 +513,7 @@ def evaluate(run):
     if metrics.get("val/feature_spread", 1.0) < FEATURE_SPREAD_WARN:
         line += " | WARNING: the encoder gives every image the same features (collapsed)"
     print0(line)
+    record_eval(run.history, run.step, metrics, min(cfg["eval_samples"], len(run.val_records)))
     run.logger.log({"step": run.step, **metrics})
     model.train()
     return metrics
@@ -528,6 +536,8 @@ def save(run):
                         adapter_model=model)
     else:
         save_checkpoint(run.checkpoint_dir, run.step, model.state_dict(), meta, rank_state, run.rank)
+    if run.master:
+        write_report(run)  # at every save: an interrupted run has the report of its last checkpoint
     print0(f"saved {run.checkpoint_dir} step {run.step}")
 
 

@@ -12,16 +12,15 @@ Nothing is loaded but the configs: the model is built on the meta device, so d20
 import os
 
 import torch
-import torch.nn as nn
 
 from configurator import configure
 from nanovlm.checkpoint import configs_from_meta, find_last_step, meta_path, read_meta
 from nanovlm.common import get_base_dir
-from nanovlm.deepencoder import DeepEncoder, LayerNorm2d
+from nanovlm.deepencoder import DeepEncoder
 from nanovlm.gpt import GPT
 from nanovlm.lora import ADAPTER_KEYS, find_targets, prepare_adapters
-from nanovlm.nf4 import Linear4bit, param_elements
-from nanovlm.vlm import VLM, component_of, freeze, preset_configs
+from nanovlm.report import census
+from nanovlm.vlm import VLM, freeze, preset_configs
 
 model = "tiny"  # a preset, when no checkpoint is named
 vocab_size = 65536  # the preset's vocabulary
@@ -38,35 +37,6 @@ lora_dropout = 0.0
 lora_targets = r"transformer\.h\.\d+\.(attn|mlp)\.c_\w+"
 show = 12  # matched module names to list per pattern
 user_config = configure(globals())
-
-AREAS = ["SAM", "compressor", "CLIP", "projector", "GPT attention", "GPT MLP", "embeddings", "lm_head", "norms",
-         "LoRA"]
-COMPONENT_AREAS = {"sam": "SAM", "compressor": "compressor", "clip": "CLIP", "projector": "projector",
-                   "embeddings": "embeddings", "lm_head": "lm_head", "lora": "LoRA"}
-
-
-def area_of(name, module):
-    """The area a parameter belongs to: its component (vlm.component_of), with norms and the GPT's attention and
-    MLP told apart."""
-    component = component_of(name)
-    if component != "lora" and isinstance(module, (nn.LayerNorm, LayerNorm2d)):
-        return "norms"
-    if component == "gpt_matrices":
-        return "GPT attention" if ".attn." in name else "GPT MLP"
-    return COMPONENT_AREAS[component]
-
-
-def census(vlm):
-    rows = {area: [0, 0, 0] for area in AREAS}  # total, trainable, held in 4 bits
-    for name, module in vlm.named_modules():
-        for param_name, p in module.named_parameters(recurse=False):
-            n = param_elements(module, param_name, p)
-            row = rows[area_of(f"{name}.{param_name}", module)]
-            row[0] += n
-            row[1] += n if p.requires_grad else 0
-            row[2] += n if isinstance(module, Linear4bit) and param_name == "weight" else 0
-    return rows
-
 
 def list_matches(title, names):
     by_tower = {"vision": [n for n in names if n.startswith("encoder.")], "GPT": [n for n in names if n.startswith("gpt.")]}
