@@ -10,6 +10,11 @@ DejaVu (families that nanovlm.textlines trains on too), validation pages in Comp
 (CMU, Latin Modern) textlines holds out. Validation pages are also rasterised by another renderer (poppler's
 pdftoppm; training pages by PDFium), so a val score measures print whose fonts, documents and rasteriser the model
 has not seen. Every document was checked to embed all the fonts its text uses (no substituted base-14 fonts).
+
+    image, lines = render_page_window(random.Random(0), "val", (640, 1024), 1024, (6, 12), 1600, 53)
+
+cuts a window of whole text lines from the same documents instead, each line with its ink box from the glyphs'
+own outlines (nanovlm.synth's page_print kind writes them as a grounding answer).
 """
 
 import atexit
@@ -18,11 +23,13 @@ import functools
 import gzip
 import io
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
 
+import numpy as np
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
@@ -378,3 +385,205 @@ def draw_print(rng, split, max_chars, dpi):
         if image is not None:
             return image, text
     raise RuntimeError(f"no usable text line found in {ATTEMPTS} tries in the '{split}' print documents")
+
+# -----------------------------------------------------------------------------
+# windows of whole pages, every text line with its ink box (the page_print kind of nanovlm.synth)
+
+LEADERS = re.compile(r"(\. ?){4}")  # a table of contents' dot leaders: how many dots would be a guess
+MAX_GAP = 4  # line heights of empty space that a window never spans
+BASELINE_TOLERANCE = 0.1  # of the font size: a line whose characters sit further off its baseline holds a sub- or
+# superscript, whose text layer order and spelling the answer cannot show
+
+
+@functools.lru_cache(maxsize=16)
+def read_glyphs(path, index):
+    """Every drawn character of a page as (loose box, ink box, baseline, font size): the ink box is the glyph's own
+    outline box, as tight as the font's, where the loose box spans the font's ascent to descent."""
+    try:
+        page = open_document(path)[index]
+    except pdfium.PdfiumError:
+        return []
+    try:
+        textpage = page.get_textpage()
+        rect, values = pdfium_c.FS_RECTF(), [ctypes.c_double() for _ in range(6)]
+        left, right, bottom, top, x, y = values
+        glyphs = []
+        for i in range(pdfium_c.FPDFText_CountChars(textpage)):
+            if (is_break(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)))
+                    or not pdfium_c.FPDFText_GetLooseCharBox(textpage, i, ctypes.byref(rect))
+                    or not pdfium_c.FPDFText_GetCharBox(textpage, i, *(ctypes.byref(v) for v in (left, right, bottom,
+                                                                                                  top)))
+                    or not pdfium_c.FPDFText_GetCharOrigin(textpage, i, ctypes.byref(x), ctypes.byref(y))):
+                continue
+            glyphs.append(((rect.left, rect.bottom, rect.right, rect.top), (left.value, bottom.value, right.value,
+                                                                             top.value),
+                           y.value, pdfium_c.FPDFText_GetFontSize(textpage, i)))
+        return glyphs
+    finally:
+        page.close()
+
+
+@functools.lru_cache(maxsize=16)
+def window_lines(path, index):
+    """The page's text lines in its drawing order (reading order, for typeset text), as (text, loose box, ink box,
+    readable). A line is readable when its text is ASCII once normalized, holds a letter or digit, has no dot
+    leaders, sits on one baseline (no sub- or superscripts), has no rule
+    drawn within it, and every character of its words was matched to a glyph (no other line's glyph among them)."""
+    lines, marks = read_page(path, index)
+    glyphs = read_glyphs(path, index)
+    if not lines or not glyphs:
+        return []
+    loose = np.array([g[0] for g in glyphs])
+    cx, cy = (loose[:, 0] + loose[:, 2]) / 2, (loose[:, 1] + loose[:, 3]) / 2
+    found = []
+    for line in lines:
+        box = union(word[1] for word in line)
+        text = " ".join(normalize(word[0]) for word in line)
+        mine = [glyphs[i] for i in np.nonzero((cx >= box[0]) & (cx <= box[2]) & (cy >= box[1]) & (cy <= box[3]))[0]]
+        sizes = [g[3] for g in mine]
+        readable = (is_ascii_text(text) and any(char.isalnum() for char in text) and not has_mark(box, marks)
+                    and not LEADERS.search(text)
+                    and len(mine) == sum(len(word[0]) for word in line) and min(sizes) > 0.7 * max(sizes)
+                    and max(g[2] for g in mine) - min(g[2] for g in mine) < BASELINE_TOLERANCE * max(sizes))
+        inks = [g[1] for g in mine if g[1][2] > g[1][0] and g[1][3] > g[1][1]] or [box]
+        found.append((text, box, union(inks), readable))
+    return found
+
+
+def overlaps(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def close_lines(lines, chosen):
+    """The chosen lines plus every line their bounding box touches, until none is left out; None when one of
+    them is not readable (a window shows all of a line or none of it)."""
+    while True:
+        if not all(lines[i][3] for i in chosen):
+            return None
+        region = union(lines[i][1] for i in chosen)
+        touched = {i for i, line in enumerate(lines) if i not in chosen and overlaps(region, line[1])}
+        if not touched:
+            return chosen
+        chosen = chosen | touched
+
+
+def pick_window(rng, lines, max_lines, max_chars, line_markup, max_size):
+    """Neighbouring lines around a random readable one: the lines below it, then (while there is room) above it,
+    never across a gap of MAX_GAP line heights, as many as fit max_lines, max_chars (the answer's length,
+    line_markup characters a line besides its text) and max_size (width, height in points); None when not even
+    the first fits."""
+    readable = [i for i, line in enumerate(lines) if line[3]]
+    if not readable:
+        return None
+    anchor = rng.choice(readable)
+    top = lines[anchor][1][3]
+
+    def fits(chosen):
+        box = union(lines[i][1] for i in chosen)
+        return (len(chosen) <= max_lines and sum(len(lines[i][0]) + line_markup for i in chosen) <= max_chars
+                and box[2] - box[0] <= max_size[0] and box[3] - box[1] <= max_size[1])
+    chosen = close_lines(lines, {anchor})
+    if chosen is None or not fits(chosen):
+        return None
+    below = sorted((i for i in range(len(lines)) if lines[i][1][3] <= top), key=lambda i: -lines[i][1][3])
+    above = sorted((i for i in range(len(lines)) if lines[i][1][3] > top), key=lambda i: lines[i][1][3])
+    height = lines[anchor][1][3] - lines[anchor][1][1]
+    for candidates in (below, above):
+        for i in candidates:
+            if i in chosen:
+                continue
+            region, box = union(lines[k][1] for k in chosen), lines[i][1]
+            if max(region[1] - box[3], box[1] - region[3]) > MAX_GAP * height:
+                break  # past a wide empty space (a footer far below the text): a window of mostly paper
+            grown = close_lines(lines, chosen | {i})
+            if grown is None or not fits(grown):
+                break
+            chosen = grown
+    return sorted(chosen)  # drawing order
+
+
+def window_region(rng, lines, chosen, min_width, max_size):
+    """The chosen lines' box with random margins (a fifth to one and a half line heights, at the sides at least
+    enough to make min_width), each side's halved until it reaches no other line, then all of them until their
+    corners do not either; none beyond max_size."""
+    box = union(lines[i][1] for i in chosen)
+    height = float(np.median([lines[i][1][3] - lines[i][1][1] for i in chosen]))
+    others = [line[1] for i, line in enumerate(lines) if i not in chosen]
+    spare = ((max_size[0] - (box[2] - box[0])) / 2, (max_size[1] - (box[3] - box[1])) / 2)
+
+    def grow(margins):  # left, bottom, right, top
+        return box[0] - margins[0], box[1] - margins[1], box[2] + margins[2], box[3] + margins[3]
+
+    def clear(margins):
+        return not any(overlaps(grow(margins), other) for other in others)
+    margins = [0.0] * 4
+    for side in range(4):
+        margin = height * rng.uniform(0.2, 1.5)
+        margin = min(max(margin, (min_width - (box[2] - box[0])) / 2) if side % 2 == 0 else margin, spare[side % 2])
+        for _ in range(6):
+            if clear([margin if k == side else 0.0 for k in range(4)]):
+                margins[side] = margin
+                break
+            margin /= 2
+    for _ in range(6):
+        if clear(margins):
+            return grow(margins)
+        margins = [m / 2 for m in margins]
+    return box
+
+
+def in_reading_order(boxes):
+    """Whether each box (x1, y1, x2, y2, y down) lies below the one before it (its centre lower) or wholly to its
+    right: the next line, the next cell of a row, or the top of the next column."""
+    return all((b[1] + b[3]) / 2 > (a[1] + a[3]) / 2 or b[0] >= a[2] for a, b in zip(boxes, boxes[1:]))
+
+
+def render_page_window(rng, split, widths, max_height, line_range, max_chars, line_markup):
+    """
+    A window of a real typeset page of the split showing whole text lines only, as (PIL RGB image,
+    [(text, ink box in pixels)] in reading order). A page is drawn uniformly over the split's documents, then a
+    readable line, then the lines below and above it while the window stays within max_chars of answer, a number
+    of lines drawn from line_range, and widths[1] x max_height pixels at 100 dpi; windows of fewer than 3 lines
+    are drawn again. The dpi is drawn from DPI_RANGE, no higher than keeps the window within that size and, where it
+    can, high enough that the window is at least widths[0] wide. Deterministic given rng.
+    """
+    with PDFIUM_LOCK:
+        return draw_page_window(rng, split, widths, max_height, line_range, max_chars, line_markup)
+
+
+def draw_page_window(rng, split, widths, max_height, line_range, max_chars, line_markup):
+    pages = all_pages(tuple(print_documents(split)))
+    max_size = (widths[1] * 72 / DPI_RANGE[0], max_height * 72 / DPI_RANGE[0])  # in points
+    for _ in range(ATTEMPTS):
+        path, index = rng.choice(pages)
+        lines = window_lines(path, index)
+        chosen = pick_window(rng, lines, rng.randint(*line_range), max_chars, line_markup, max_size) if lines else None
+        if not chosen or len(chosen) < min(3, line_range[0]):
+            continue  # no readable line, or too few readable ones together
+        page = open_document(path)[index]
+        try:
+            page_box = page.get_bbox()
+            region = window_region(rng, lines, chosen, widths[0] * 72 / DPI_RANGE[1], max_size)
+            region = (max(region[0], page_box[0]), max(region[1], page_box[1]), min(region[2], page_box[2]),
+                      min(region[3], page_box[3]))
+            width, height = region[2] - region[0], region[3] - region[1]
+            if width < 1 or height < 1:
+                continue
+            high = min(DPI_RANGE[1], widths[1] * 72 / width, max_height * 72 / height)
+            low = min(max(DPI_RANGE[0], widths[0] * 72 / width), high)
+            dpi = rng.randint(int(low), max(int(low), int(high)))
+            if RASTERISERS.get(split, "pdfium") == "poppler":
+                image = render_region_poppler(path, index, page, region, dpi)
+            else:
+                image = render_region(page, region, dpi)
+        finally:
+            page.close()
+        if image is None:
+            continue
+        sx, sy = image.width / width, image.height / height
+        found = [(lines[i][0], ((lines[i][2][0] - region[0]) * sx, (region[3] - lines[i][2][3]) * sy,
+                                (lines[i][2][2] - region[0]) * sx, (region[3] - lines[i][2][1]) * sy)) for i in chosen]
+        boxes = [box for _, box in found]
+        if in_reading_order(boxes) and not any(overlaps(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1:]):
+            return image, found
+    raise RuntimeError(f"no window of readable lines found in {ATTEMPTS} tries in the '{split}' print documents")

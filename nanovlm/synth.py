@@ -1,24 +1,33 @@
 """
 Synthetic OCR samples drawn with Pillow from a seed: receipts, charts, text scenes, document lines and
-paragraphs, word grounding, and `line2` text lines whose content goes beyond any word pool (numbers, prices,
-dates, times, codes, made-up names). Nothing is downloaded; the text comes from the small pools below. The kinds
+paragraphs, word grounding, `line2` text lines whose content goes beyond any word pool (numbers, prices,
+dates, times, codes, made-up names), and `page` windows of documents whose answers ground every text line. Nothing
+is downloaded; the text comes from the small pools below or (pages) from textlines' split word list. The kinds
 that teach reading real text live in their own modules: `read` and `read_fonts` (nanovlm.textlines: a large word
-list, many installed fonts, scan-like degradations) and `print` (nanovlm.realprint: word runs from typeset PDFs).
+list, many installed fonts, scan-like degradations), `print` and `page_print` (nanovlm.realprint: word runs and
+page windows from typeset PDFs).
 
 Every sample is a pure function of (seed, split, index): make_sample(kind, seed, split, index) -> (record, image).
 scripts/make_data.py writes such samples to disk; the dataloader can also draw them on the fly ("synth:" data).
 """
 
+import functools
 import glob
+import math
 import random
 
 from PIL import Image, ImageDraw
 
-from nanovlm.textlines import get_font, render_read, render_read_fonts  # get_font: one font cache
+from nanovlm.textlines import (UPPER, cased, degrade, font_faces, get_font,  # get_font: one font cache
+                               installed_fonts, lexicon, number_like, render_read, render_read_fonts, symbolic,
+                               text_item)
 
 MAX_ANSWER_CHARS = 600
 
-PROMPT_OCR = "<image>\n<|grounding|>OCR this image."
+# A <|grounding|> prompt asks for boxes: only answers in the grounding format get one. Plain-text answers get a
+# prompt without it (DeepSeek-OCR's "<image>\n<|grounding|>OCR this image." answers with a box for every line).
+PROMPT_OCR = "<image>\nOCR this image."
+PROMPT_GROUNDING_OCR = "<image>\n<|grounding|>OCR this image."
 PROMPT_FIGURE = "<image>\nParse the figure."
 PROMPT_DESCRIBE = "<image>\nDescribe this image in detail."
 PROMPT_LOCATE = "<image>\n<|grounding|>Locate every word."
@@ -573,6 +582,360 @@ def render_grounding(rng, short=False):
     return image, answer
 
 
+# -----------------------------------------------------------------------------
+# pages: windows of documents with every text line grounded, DeepSeek-OCR's way
+#
+# The answer lists each text line as <|ref|>text<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>: the line's ink box on
+# the 0-999 scale of the image's width and height, lines in reading order. A line is a run of text without a gap
+# wider than about 1.5 of its height (so a receipt's item and its price are two lines, as the cells of a table in
+# real print are). Reading order is a reader's: blocks from top to bottom, a two-column block's whole left column
+# before its right column, the cells of one row from left to right; so every line lies below the line before it
+# or wholly to its right (the next cell of a row, or the top of the next column).
+
+PAGE_WIDTHS = (640, 1024)  # a window's width in pixels, drawn uniformly (real print: as near as the dpi allows)
+PAGE_MAX_HEIGHT = 1024
+PAGE_LINES = (6, 12)  # text lines per window, drawn uniformly (fewer where the window is full first)
+PAGE_DPI = (100, 300)  # 9-12 pt text at these resolutions: 12-50 px
+PAGE_MAX_ANSWER_CHARS = 1600
+LINE_MARKUP = len("<|ref|><|/ref|><|det|>[[999, 999, 999, 999]]<|/det|>\n")  # a line's answer, less its text
+LIST_STYLES = ["-", "*", "+", "o", "1.", "1)", "(1)", "a)", "(a)", "a.", "i."]
+ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii"]
+
+
+def grounding_answer(lines, width, height):
+    """One `<|ref|>text<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>` per (text, pixel box), coordinates on the 0-999
+    scale of the image's width and height, rounded as render_grounding rounds them."""
+    def scale(v, size):
+        return min(999, max(0, round(v / size * 999)))
+    return "\n".join(f"<|ref|>{text}<|/ref|><|det|>[[{scale(x1, width)}, {scale(y1, height)}, {scale(x2, width)}, "
+                     f"{scale(y2, height)}]]<|/det|>" for text, (x1, y1, x2, y2) in lines)
+
+
+def page_words(split):
+    """Pages are drawn for 'train' (the training lexicon, in training fonts) or 'val' (the validation lexicon, in
+    the held-out fonts); the flag says which fonts."""
+    if split not in ("train", "val"):
+        raise ValueError(f"pages are drawn for split 'train' or 'val', not '{split}'")
+    return lexicon(split), split == "val"
+
+
+@functools.lru_cache(maxsize=None)
+def page_fonts(held_out):
+    """The side's upright faces, those of regular weight (most body text), its monospaced ones (code), and each
+    face's bold relatives in its family."""
+    installed, faces = installed_fonts(), font_faces(held_out)
+    family = {path: name for name, paths in installed.items() for path in paths}
+    style = {face: "Regular" if face is None else get_font(face, 12).getname()[1] for face in faces}
+    upright = [face for face in faces if not any(s in style[face] for s in ("Italic", "Oblique"))]
+    regular = [face for face in upright if not any(s in style[face] for s in ("Bold", "Black", "Heavy", "Light", "Thin",
+                                                                              "Hairline"))]
+    mono = [face for face in upright if face is not None
+            and get_font(face, 20).getlength("i" * 8) == get_font(face, 20).getlength("W" * 8)]
+    bold = {face: [f for f in installed.get(family.get(face), []) if f in upright and "Bold" in style[f]] or [face]
+            for face in upright}
+    return upright, regular or upright, mono or upright, bold
+
+
+def prose(rng, words, n, capital=True):
+    """n items of running text: the lexicon's words in sentences, with numbers, letter strings and symbols."""
+    items = []
+    for i in range(n):
+        item = rng.choice(words) if rng.random() < 0.8 else text_item(rng, words)
+        if capital:
+            item = item[:1].upper() + item[1:]
+        capital = False
+        if i == n - 1 or rng.random() < 0.1:
+            item += rng.choice(".....?!:")
+            capital = True
+        elif rng.random() < 0.07:
+            item += rng.choice(",,,;")
+        items.append(item)
+    return " ".join(items).split()  # number-like and symbolic items may hold spaces
+
+
+def code_line(rng, words):
+    """A line of code or a shell session from the lexicon's words, numbers and the symbols of code."""
+    w = lambda: rng.choice(words).lower()  # noqa: E731
+    n = lambda: str(rng.randint(0, 999))  # noqa: E731
+    return rng.choice([
+        lambda: f"{w()} = {w()}({w()}, {n()});", lambda: f"{w()}.{w()}({w()})", lambda: f"{w()}[{n()}] += {w()};",
+        lambda: f"# {w()} {w()} {w()}", lambda: f"// {w()} {w()}", lambda: f"{w()}_{w()} = \"{w()}\"",
+        lambda: f"$ {w()} -{rng.choice('abcdefgilnqrvx')} {w()}/{w()}.{rng.choice(['txt', 'c', 'py', 'h', 'sh'])}",
+        lambda: "}", lambda: f"{w()}({w()}) {{", lambda: f"<{w()}>{w()}</{w()}>", lambda: f"{w()}: {n()}",
+        lambda: f"{w()} {rng.choice(['==', '!=', '<=', '>=', '&&', '||'])} {n()}",
+        lambda: symbolic(rng, words), lambda: f"{w()} = {number_like(rng)}",
+    ])()
+
+
+def wrap_tokens(font, tokens, width, first_width=None):
+    """Greedy wrap into lines no wider than width (the first line: first_width); a token wider than a whole line
+    is cut to fit."""
+    lines = []
+    for token in tokens:
+        last_room = first_width if len(lines) == 1 and first_width is not None else width
+        if lines and font.getlength(lines[-1] + " " + token) <= last_room:
+            lines[-1] += " " + token
+        else:
+            lines.append(fit(font, token, first_width if not lines and first_width is not None else width))
+    return lines
+
+
+def fit(font, text, width):
+    """The text, its last characters dropped until it is no wider than width (one character at least)."""
+    while len(text) > 1 and font.getlength(text) > width:
+        text = text[:-1].rstrip()
+    return text
+
+
+def stamp_words(image, x, baseline, placed, face, size, fill):
+    """Draw (offset, text) pieces on one baseline from x; return their ink box, measured on the rendered glyphs
+    (exact: a font's bbox includes bearings, a few pixels too wide for a grounding target)."""
+    font = get_font(face, size)
+    ascent, descent = font.getmetrics()
+    pad = size  # room for overhangs and accents beyond the font's ascent and descent
+    mask = Image.new("L", (math.ceil(max(dx + font.getlength(text) for dx, text in placed)) + 2 * pad,
+                           ascent + descent + 2 * pad))
+    draw = ImageDraw.Draw(mask)
+    for dx, text in placed:
+        draw.text((pad + dx, pad + ascent), text, font=font, fill=255, anchor="ls")
+    left, top = round(x) - pad, round(baseline) - ascent - pad
+    image.paste(fill, (left, top, left + mask.width, top + mask.height), mask)
+    x1, y1, x2, y2 = mask.getbbox()
+    return left + x1, top + y1, left + x2, top + y2
+
+
+class Full(Exception):
+    """The window has no room for another line."""
+
+
+def check_room(page, texts, baseline, face, size):
+    descent = get_font(face, size).getmetrics()[1]
+    if (len(page["lines"]) + len(texts) > page["max_lines"] or baseline + descent > page["bottom"]
+            or page["chars"] + sum(len(t) + LINE_MARKUP for t in texts) > page["max_chars"]):
+        raise Full
+
+
+def put(page, x, baseline, placed, face, size):
+    """Draw one text line and record its text and ink box; raise Full when the window has no room for it."""
+    text = " ".join(t for _, t in placed)
+    check_room(page, [text], baseline, face, size)
+    page["lines"].append((text, stamp_words(page["image"], x, baseline, placed, face, size, page["ink"])))
+    page["chars"] += len(text) + LINE_MARKUP
+
+
+def heading_block(page, x, width, y):
+    """A heading in a larger (bold where the family has one) face, maybe numbered, maybe centred."""
+    rng, size = page["rng"], page["size"]
+    face, hsize = rng.choice(page["bold"]), round(size * rng.uniform(1.1, 1.8))
+    tokens = [rng.choice(page["words"]) for _ in range(rng.randint(1, 6))]
+    tokens = [t.upper() for t in tokens] if rng.random() < 0.15 else [tokens[0].capitalize()] + (
+        [t.capitalize() for t in tokens[1:]] if rng.random() < 0.5 else tokens[1:])
+    if rng.random() < 0.4:  # a section number
+        tokens.insert(0, ".".join(str(rng.randint(1, 12)) for _ in range(rng.randint(1, 3))) + rng.choice(["", "."])
+                      if rng.random() < 0.8 else rng.choice(UPPER) + ".")
+    font, centred = get_font(face, hsize), rng.random() < 0.2
+    y += hsize - size + round(size * rng.uniform(0.2, 1.0))  # the larger face, and space above
+    for line in wrap_tokens(font, tokens, width)[:2]:
+        dx = (width - font.getlength(line)) / 2 if centred else 0
+        put(page, x + dx, y, [(0, line)], face, hsize)
+        y += round(hsize * 1.2)
+    return y - round(hsize * 1.2) + round(page["leading"] * rng.uniform(1.0, 1.6))
+
+
+def paragraph_block(page, x, width, y, continued=False):
+    """Running text, ragged or justified (never stretched past half an em between words), its first line
+    indented or the paragraphs spaced; continued: the window starts inside the paragraph."""
+    rng, face, size = page["rng"], page["face"], page["size"]
+    font = get_font(face, size)
+    tokens = prose(rng, page["words"], rng.randint(6, 60), capital=not continued)
+    indent = 0 if continued else page["indent"]
+    lines = wrap_tokens(font, tokens, width, width - indent)
+    space = font.getlength(" ")
+    for i, line in enumerate(lines):
+        dx, words = (indent if i == 0 else 0), line.split(" ")
+        placed = [(0, line)]
+        if page["justify"] and i < len(lines) - 1 and len(words) > 1:
+            widths = [font.getlength(w) for w in words]
+            gap = (width - dx - sum(widths)) / (len(words) - 1)
+            if gap <= space + 0.5 * size:
+                offsets = [sum(widths[:k]) + k * gap for k in range(len(words))]
+                placed = list(zip(offsets, words))
+        put(page, x + dx, y, placed, face, size)
+        y += page["leading"]
+    return y + page["paragraph_gap"]
+
+
+def list_marker(style, k):
+    """The k-th item's marker in a list style: a bullet, or 1. 1) (1) a) (a) a. i. counted on."""
+    if "1" in style:
+        return style.replace("1", str(k + 1))
+    if "a" in style:
+        return style.replace("a", "abcdefghijklmnopqrstuvwxyz"[k % 26])
+    return style.replace("i", ROMAN[k % len(ROMAN)])
+
+
+def list_block(page, x, width, y):
+    """Bulleted or numbered items; an item's continuation lines hang under its text."""
+    rng, face, size = page["rng"], page["face"], page["size"]
+    font, style, n = get_font(face, size), rng.choice(LIST_STYLES), rng.randint(2, 6)
+    markers = [list_marker(style, k) for k in range(n)]
+    left = round(size * rng.uniform(0, 2))  # the list's own indent
+    indent = max(font.getlength(m) for m in markers) + font.getlength(" ") * rng.uniform(1, 2.5)
+    y += round(page["leading"] * rng.uniform(0, 0.5))
+    for marker in markers:
+        lines = wrap_tokens(font, prose(rng, page["words"], rng.randint(2, 24)), width - left - indent)
+        for i, line in enumerate(lines):
+            placed = [(0, marker), (indent, line)] if i == 0 else [(0, line)]
+            put(page, x + left + (0 if i == 0 else indent), y, placed, face, size)
+            y += page["leading"]
+        y += round(page["leading"] * rng.choice([0, 0, 0.3]))
+    return y + page["paragraph_gap"]
+
+
+def code_block(page, x, width, y):
+    """Lines of code in a monospaced face, indented by levels, sometimes on a shaded panel. A line's text is what
+    it shows, without the indentation (its box says where it starts)."""
+    rng = page["rng"]
+    face, size = rng.choice(page["mono"]), max(10, round(page["size"] * rng.uniform(0.8, 1.0)))
+    font = get_font(face, size)
+    leading, pad, step = round(size * rng.uniform(1.1, 1.4)), round(size * rng.uniform(0.3, 1.0)), rng.choice([2, 4])
+    n, char = rng.randint(3, 10), font.getlength("x")
+    y += round(page["leading"] * rng.uniform(0.3, 0.8)) + pad  # the panel keeps clear of the line above
+    if rng.random() < 0.4:  # a panel a little darker than the paper: not ink
+        shade = tuple(max(0, c - rng.randint(8, 20)) for c in page["paper"])
+        top = y - font.getmetrics()[0] - pad
+        ImageDraw.Draw(page["image"]).rectangle([x, top, x + width, top + n * leading + 2 * pad], fill=shade)
+    level = 0
+    for _ in range(n):
+        level = max(0, min(3, level + rng.choice([-1, 0, 0, 1])))
+        indent = level * step * char if level * step * char < width / 2 else 0
+        put(page, x + pad + indent, y, [(0, fit(font, code_line(rng, page["words"]), width - 2 * pad - indent))],
+            face, size)
+        y += leading
+    return y + pad + page["paragraph_gap"]
+
+
+def receipt_block(page, x, width, y):
+    """A receipt: centred header lines, items with their prices right-aligned (two lines a row: at least two ems
+    apart), totals, a footer."""
+    rng, words = page["rng"], page["words"]
+    face = rng.choice(page["mono"]) if rng.random() < 0.5 else page["face"]
+    size = page["size"]
+    font, leading = get_font(face, size), round(size * rng.uniform(1.15, 1.5))
+    rw = min(width, round(size * rng.uniform(14, 24)))
+    x += rng.randint(0, width - rw)
+    amount = lambda: f"{rng.randint(0, 99)}.{rng.randint(0, 99):02d}"  # noqa: E731
+    header = [" ".join(rng.choice(words).upper() for _ in range(rng.randint(1, 3))),
+              f"{rng.randint(1, 999)} {' '.join(rng.choice(words).capitalize() for _ in range(rng.randint(1, 2)))}",
+              f"{number_like(rng)} {number_like(rng)}"]
+    rows = []
+    for _ in range(rng.randint(2, 8)):
+        label = " ".join(cased(rng, rng.choice(words)) for _ in range(rng.randint(1, 3)))
+        rows.append((label + (f" {rng.randint(2, 5)} x {amount()}" if rng.random() < 0.2 else ""), amount()))
+    totals = [(rng.choice(words).upper(), amount()) for _ in range(rng.randint(1, 3))]
+    footer = [" ".join(rng.choice(words).upper() for _ in range(rng.randint(1, 4)))]
+    for line in header[:rng.randint(1, 3)]:
+        line = fit(font, line, rw)
+        put(page, x + (rw - font.getlength(line)) / 2, y, [(0, line)], face, size)
+        y += leading
+    for block in (rows, totals):
+        y += round(leading * rng.uniform(0.3, 1.0))
+        for label, price in block:
+            price_width = font.getlength(price)
+            tokens = label.split()
+            while len(tokens) > 1 and font.getlength(" ".join(tokens)) + 2 * size > rw - price_width:
+                tokens.pop()
+            label = fit(font, " ".join(tokens), rw - price_width - 2 * size)
+            check_room(page, [label, price], y, face, size)  # both cells of the row, or neither
+            put(page, x, y, [(0, label)], face, size)
+            put(page, x + rw - price_width, y, [(0, price)], face, size)
+            y += leading
+    y += round(leading * rng.uniform(0.3, 1.0))
+    for line in footer:
+        line = fit(font, line, rw)
+        put(page, x + (rw - font.getlength(line)) / 2, y, [(0, line)], face, size)
+        y += leading
+    return y + page["paragraph_gap"]
+
+
+def fill(page, x, width, y, blocks, weights, first=None):
+    """Blocks one under another, the first one given, until the window is full."""
+    try:
+        y = first(page, x, width, y) if first else y
+        for _ in range(100):
+            y = page["rng"].choices(blocks, weights)[0](page, x, width, y)
+    except Full:
+        pass
+
+
+def continued(page, x, width, y):
+    return paragraph_block(page, x, width, y, continued=True)
+
+
+def draw_page(rng, split, widths=PAGE_WIDTHS, max_height=PAGE_MAX_HEIGHT, lines=PAGE_LINES,
+              max_chars=PAGE_MAX_ANSWER_CHARS):
+    """A window of a document page as (image, [(text, ink box in pixels)] in reading order, page): running text
+    with headings, lists and code, two columns, or a receipt, in one of the split's fonts at 100-300 dpi."""
+    words, held_out = page_words(split)
+    upright, regular, mono, bold = page_fonts(held_out)
+    dpi, width = rng.randint(*PAGE_DPI), rng.randint(*widths)
+    size = max(12, round(rng.uniform(9, 12) * dpi / 72))
+    face = rng.choice(regular if rng.random() < 0.85 else upright)
+    paper = tuple(rng.randint(232, 255) for _ in range(3))
+    image = Image.new("RGB", (width, max_height), paper)
+    margin = rng.randint(size // 2, 2 * size)
+    page = {"rng": rng, "image": image, "words": words, "face": face, "bold": bold[face], "mono": mono,
+            "size": size, "leading": round(size * rng.uniform(1.15, 1.6)), "paper": paper,
+            "ink": tuple(rng.randint(0, 70) for _ in range(3)), "indent": rng.choice([0, 0, round(size * 1.5)]),
+            "justify": rng.random() < 0.5, "lines": [], "chars": 0, "max_lines": rng.randint(*lines),
+            "max_chars": max_chars, "bottom": max_height - margin}
+    page["paragraph_gap"] = 0 if page["indent"] else round(page["leading"] * rng.uniform(0.3, 0.8))
+    text_width = min(width - 2 * margin, round(rng.uniform(4.5, 6.5) * dpi))  # a page's text is at most 6.5 in
+    x = rng.randint(margin, width - margin - text_width)
+    y = margin + get_font(face, size).getmetrics()[0]  # the first baseline
+    blocks = [paragraph_block, heading_block, list_block, code_block]
+    weights = rng.choice([[6, 2, 1, 1], [2, 1, 6, 1], [2, 1, 1, 6], [3, 2, 2, 2]])  # prose, list, code, mixed
+    layout = rng.choice(["text", "text", "text", "columns", "receipt"])
+    if layout == "columns" and text_width < 2 * 12 * size:
+        layout = "text"  # no room for two columns of a dozen ems
+    if layout == "text":  # the window starts inside a paragraph, at a heading, or at a paragraph's start
+        fill(page, x, text_width, y, blocks, weights, first=rng.choice([continued, heading_block, None]))
+    elif layout == "receipt":
+        fill(page, x, text_width, y, [receipt_block], [1])
+    else:
+        if rng.random() < 0.5:
+            try:
+                y = heading_block(page, x, text_width, y)  # across both columns
+            except Full:
+                pass
+        gutter = round(size * rng.uniform(1.5, 3))
+        column, total = (text_width - gutter) // 2, page["max_lines"]
+        page["max_lines"] = len(page["lines"]) + (total - len(page["lines"]) + 1) // 2  # the left column's share
+        fill(page, x, column, y, blocks[:2], [5, 1], first=rng.choice([continued, None]))
+        page["max_lines"] = total
+        fill(page, x + column + gutter, column, y, blocks[:2], [5, 1], first=rng.choice([continued, None]))
+    assert page["lines"], "a page window without a line"
+    bottom = max(box[3] for _, box in page["lines"]) + rng.randint(size // 3, 2 * size)
+    page["layout"] = layout
+    return image.crop((0, 0, width, min(max_height, bottom))), page["lines"], page
+
+
+def render_page(rng, split, clean=False, **sizes):
+    """A synthetic document window, degraded like a scan or render (clean: not), with every line grounded."""
+    image, lines, page = draw_page(rng, split, **sizes)
+    if not clean:
+        image = degrade(rng, image, page["size"])
+    return image, grounding_answer(lines, image.width, image.height)
+
+
+def render_page_print(rng, split, widths=PAGE_WIDTHS, max_height=PAGE_MAX_HEIGHT, lines=PAGE_LINES,
+                      max_chars=PAGE_MAX_ANSWER_CHARS):
+    """A window of a real typeset page (nanovlm.realprint's documents of the split) with every line grounded."""
+    from nanovlm.realprint import render_page_window
+    image, found = render_page_window(rng, split, widths, max_height, lines, max_chars, LINE_MARKUP)
+    return image, grounding_answer(found, image.width, image.height)
+
+
 def render_print(rng, split):
     """A run of words cut from a real typeset PDF page (nanovlm.realprint; imported here, when first drawn, since
     it needs pypdfium2 and the PDF manuals)."""
@@ -585,10 +948,13 @@ RENDERERS = {"receipt": (render_receipt, PROMPT_OCR), "chart": (render_chart, PR
              "line2": (render_line2, PROMPT_FREE_OCR),
              "paragraph": (render_paragraph, PROMPT_OCR), "grounding": (render_grounding, PROMPT_LOCATE),
              "read": (render_read, PROMPT_FREE_OCR), "read_fonts": (render_read_fonts, PROMPT_FREE_OCR),
-             "print": (render_print, PROMPT_FREE_OCR)}
+             "print": (render_print, PROMPT_FREE_OCR), "page": (render_page, PROMPT_GROUNDING_OCR),
+             "page_print": (render_page_print, PROMPT_GROUNDING_OCR)}
 # Kinds drawn from split-specific pools (lexicon, fonts, documents): their renderers take the split instead of
 # `short`, so that a validation set shares no word, held-out font or document with training.
-SPLIT_KINDS = {"read", "read_fonts", "print"}
+SPLIT_KINDS = {"read", "read_fonts", "print", "page", "page_print"}
+PRINT_KINDS = {"print", "page_print"}  # cut from real typeset pages: their records' source is "print"
+ANSWER_LIMITS = {"page": PAGE_MAX_ANSWER_CHARS, "page_print": PAGE_MAX_ANSWER_CHARS}  # others: MAX_ANSWER_CHARS
 
 # -----------------------------------------------------------------------------
 # datasets
@@ -604,9 +970,10 @@ def make_sample(kind, seed, split, index, short=False, attempt=0):
     render, prompt = RENDERERS[kind]
     rng = sample_rng(seed, split, index, attempt)
     image, answer = render(rng, split) if kind in SPLIT_KINDS else render(rng, short)
-    assert 0 < len(answer) <= MAX_ANSWER_CHARS, f"{kind} sample {index}: answer of {len(answer)} chars"
+    limit = ANSWER_LIMITS.get(kind, MAX_ANSWER_CHARS)
+    assert 0 < len(answer) <= limit, f"{kind} sample {index}: answer of {len(answer)} chars"
     record = {"id": f"{split}_{index:06d}_{kind}", "prompt": prompt, "answer": answer,
-              "source": "print" if kind == "print" else "synth", "type": kind}  # print: cut from real pages
+              "source": "print" if kind in PRINT_KINDS else "synth", "type": kind}
     return record, image
 
 

@@ -7,12 +7,16 @@ Pillow from a seed. Nothing is downloaded; the text comes from the small word po
     python -m scripts.make_data --tier1=True                   # the committed set: data/tier1/ (10 records)
     python -m scripts.make_data --chats=500                    # text-only conversations: data/chats.jsonl
     python -m scripts.make_data --n=200 --split=val --seed=777 --kinds=print --out_dir=data/print_val
+    python -m scripts.make_data --n=50 --split=val --seed=777 --kinds=page --out_dir=data/pages_val
 
 A dataset is a JSON list of records {id, image, prompt, answer, source, type}, `image` a PNG path relative to the
 JSON file. Every sample is a pure function of (seed, split, index): the same command gives the same bytes, and two
 splits never share a sample because the split name is part of every sample's seed. Kinds take turns by index.
 The kind `print` is not drawn: it cuts runs of words from real typeset PDF pages (nanovlm/realprint.py, which needs
 pypdfium2 and the Debian manuals that scripts/setup_data.sh installs; train and val use different documents).
+The kinds `page` (drawn) and `page_print` (windows of those real pages) ground every text line of a document window
+(nanovlm/synth.py explains the format and the reading order); only they and `grounding`, whose answers hold boxes,
+are asked with a `<|grounding|>` prompt.
 
 The fonts are Pillow's bundled scalable font (no system fonts, so images are the same on every machine);
 --system_fonts=True mixes in the DejaVu faces under /usr/share/fonts when they exist, for more varied large sets.
