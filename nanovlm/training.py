@@ -134,11 +134,6 @@ def build_model(cfg, device):
         if not encoder_config.ctc_rows:
             raise RunError(f"--token_ctc_split needs a preset with a CTC read-out (lines), not {cfg['model']}")
         encoder_config.token_ctc_split = cfg["token_ctc_split"]  # the tokens the GPT sees, read out like SAM's neck
-    if cfg.get("ctc_to_tokens", False):
-        if not encoder_config.ctc_rows or encoder_config.cols_per_token != 1:
-            raise RunError(f"--ctc_to_tokens needs a preset with a CTC read-out (lines) and a line:W:H:1 image mode "
-                           f"(one token per neck column), not --model={cfg['model']} --image_mode={image_mode}")
-        encoder_config.ctc_to_tokens = True  # each token gets SAM's reading of its column
     if gpt is not None:
         gpt_config = gpt.config
         encoder_config.out_dim = gpt_config.n_embd

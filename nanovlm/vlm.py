@@ -19,14 +19,15 @@ from nanovlm.gpt import GPT, GPTConfig
 from nanovlm.image_process import global_shape, resolve_mode
 from nanovlm.nf4 import param_elements
 
-# Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 32 tokens
-# in reading order, 128 CTC columns on SAM's neck: room for 64 characters); "d20" is nanochat's d20 GPT with the
+# Model presets. "tiny" trains on a CPU in minutes; "lines" is tiny made to read text lines (one row of 128 tokens
+# in reading order, one per column of SAM's neck, each with the CTC read-out's reading of its column: room for 64
+# characters; with --image_mode=line:2048:64 it is the earlier 32-token reader); "d20" is nanochat's d20 GPT with the
 # real DeepEncoder. proj_norm and ctc are sized for the preset's image mode when the model is built (see preset_configs).
 TINY_GPT = dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 PRESETS = {
     "tiny": dict(gpt=TINY_GPT, encoder=dict(tiny=True), image_mode="resize:256", proj_norm=True, ctc=False),
     "lines": dict(gpt=TINY_GPT, encoder=dict(tiny=True, sam_window=4, sam_conv_stem=(8, 16, 32)),
-                  image_mode="line:2048:64", proj_norm=True, ctc=True),
+                  image_mode="line:2048:64:1", proj_norm=True, ctc=True),
     "d20": dict(gpt=dict(sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280), encoder=dict(),
                 image_mode="base", proj_norm=False, ctc=False),
 }
@@ -88,6 +89,8 @@ def preset_configs(name, vocab_size, image_mode="", sequence_len=0):
         encoder_config.proj_norm_grid = encoder_config.token_grid(height, width)
     if preset["ctc"]:
         encoder_config.ctc_rows = encoder_config.patches_per_side(height)
+        # one token per neck column: each token also gets SAM's reading of its column (what made the GPT read)
+        encoder_config.ctc_to_tokens = image_mode.cols_per_token == 1
     return gpt_config, encoder_config, image_mode
 
 

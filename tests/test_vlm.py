@@ -151,7 +151,9 @@ def test_conv_stem_runs_at_its_own_resolutions(tokenizer):
 def test_lines_preset_has_the_stem_and_reads_in_its_mode():
     from nanovlm.vlm import preset_configs
     _, encoder_config, mode = preset_configs("lines", 300)
-    assert encoder_config.sam_conv_stem and str(mode) == "line:2048:64"
+    assert encoder_config.sam_conv_stem and str(mode) == "line:2048:64:1" and encoder_config.ctc_to_tokens
+    _, encoder_config, mode = preset_configs("lines", 300, "line:2048:64")  # the earlier 32-token reader
+    assert encoder_config.cols_per_token == 4 and not encoder_config.ctc_to_tokens
 
 
 def test_line_modes_keep_more_columns_with_the_same_weights():
@@ -164,6 +166,7 @@ def test_line_modes_keep_more_columns_with_the_same_weights():
     for cols in (4, 2, 1):
         gpt_config, encoder_config, mode = preset_configs("lines", 300, f"line:512:64:{cols}")
         assert encoder_config.cols_per_token == cols and encoder_config.proj_norm_grid == (1, 32 // cols)
+        encoder_config.ctc_to_tokens = False  # its Linear is the one weight that differs
         model = build_vlm(gpt_config, encoder_config, 3)
         shapes[cols] = {k: v.shape for k, v in model.state_dict().items() if "proj_norm" not in k}
         model.eval()
@@ -182,7 +185,7 @@ def test_ctc_to_tokens_adds_each_columns_reading_to_its_token():
     from nanovlm.vlm import build_vlm, component_of, preset_configs
 
     gpt_config, encoder_config, _ = preset_configs("lines", 300, "line:512:64:1")
-    encoder_config.ctc_to_tokens = True
+    assert encoder_config.ctc_to_tokens  # the preset's, in a one-token-per-column mode
     torch.manual_seed(0)
     model = build_vlm(gpt_config, encoder_config, 3).eval()
     encoder = model.encoder
