@@ -407,7 +407,8 @@ def train_step(run, loader, batch):
     for micro in range(run.grad_accum):
         inputs, targets, images, doc_ids, run.loader_state = batch
         padding += (doc_ids == 0).sum()  # row padding: in tok/sec, but no sample's
-        packed = doc_ids if cfg["pack"] else None  # unpacked rows: plain causal attention, no mask
+        # the mask only where a row holds several samples: one per row is plain causal attention, and faster
+        packed = doc_ids if cfg["pack"] and inputs.size(0) < run.device_batch_size else None
         sync = not run.ddp or micro == run.grad_accum - 1  # DDP all-reduces only on the last micro-batch
         with (run.train_model.no_sync() if not sync else contextlib.nullcontext()), run.autocast:
             if use_ctc:

@@ -50,7 +50,9 @@ text_data = ""  # JSONL of text-only conversations to mix in
 text_ratio = 0.0  # fraction of samples drawn from text_data
 strict = False  # stop at the first bad record instead of skipping it
 loader_workers = 4  # threads that load (or draw) and preprocess images ahead of the step
-pack = False  # several whole samples per row (up to the sequence length), each attending to itself only
+# pack: several whole samples per row (up to the sequence length), each attending to itself only. It pays on tier-1
+# (bench_pack: padding 61% -> 11%, 1.59x real tokens/s); a lines sample (128 image tokens) never shares a row
+pack = True
 # optimization
 num_iterations = 400
 total_batch_size = 10

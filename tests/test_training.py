@@ -61,7 +61,7 @@ def test_stage2_freezes_sam_and_mixes_text(workspace, tmp_path):
     texts = tmp_path / "texts.jsonl"
     texts.write_text('[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]\n')
     out = run_script(base, "scripts.vis_mid_train", f"--data={data}", "--start_from=s1", "--model_tag=s2",
-                     f"--text_data={texts}", "--text_ratio=0.3", *FAST)
+                     f"--text_data={texts}", "--text_ratio=0.3", "--pack=False", *FAST)  # stage 1 packed
     assert "groups: clip, projector, gpt_matrices, embeddings, lm_head" in out
     steps = losses(out)
     assert steps[7] < steps[0]
