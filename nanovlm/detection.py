@@ -248,9 +248,92 @@ def targets_from_answer(answer):
     return targets_from_boxes([box for _, box in parse_boxes(answer)])
 
 
+# a text column spans at least this share of its block's width: two or three columns do, a table's narrow cells (a
+# receipt's prices, 12-21% of it) do not, so a receipt reads row by row as its answer does
+COLUMN_SHARE = 0.25
+
+
 def reading_order(boxes):
     """
-    xyxy boxes sorted top to bottom, then left to right. Boxes are taken by their vertical centre; a box whose
+    xyxy boxes (y down) in the page answers' reading order (synth's `page` kinds): blocks from top to bottom, a
+    two-column block's whole left column before its right column, the boxes of one row from left to right; so
+    every box lies below the one before it or wholly to its right. The boxes are cut into bands at the heights no
+    box spans. A column block is the longest run of bands from the current one that a vertical gap splits into two
+    columns (column_split) with lines of both side by side in some band: its left side, then its right side, each
+    read the same way. Any other band is one row, or a few (row_order).
+    """
+    rows = bands(boxes)
+    order, i = [], 0
+    while i < len(rows):
+        block = None
+        for j in range(i + 1, len(rows) + 1):
+            run = [b for row in rows[i:j] for b in row]
+            splits = vertical_gaps(run)
+            if not splits and j > i + 1:
+                break  # a line across the run so far (a heading, a full-width line): no column runs past it
+            split = column_split(run, splits)
+            if split is not None and any(side_by_side(row, split) for row in rows[i:j]):
+                block = (j, split)
+        if block is None:
+            order += row_order(rows[i])
+            i += 1
+            continue
+        j, split = block
+        order += reading_order([b for row in rows[i:j] for b in row if b[0] < split])
+        order += reading_order([b for row in rows[i:j] for b in row if b[0] >= split])
+        i = j
+    return order
+
+
+def bands(boxes):
+    """Boxes top to bottom in bands that overlap vertically: a band ends where the next box starts below all of it."""
+    found, bottom = [], None
+    for box in sorted(boxes, key=lambda b: b[1]):
+        if found and box[1] < bottom:
+            found[-1].append(box)
+            bottom = max(bottom, box[3])
+        else:
+            found.append([box])
+            bottom = box[3]
+    return found
+
+
+def vertical_gaps(boxes):
+    """The left edges of the boxes that start right of every box further left: the x of each vertical gap that no
+    box crosses."""
+    found, edge = [], None
+    for box in sorted(boxes, key=lambda b: b[0]):
+        if edge is not None and box[0] >= edge:
+            found.append(box[0])
+        edge = box[2] if edge is None else max(edge, box[2])
+    return found
+
+
+def column_split(boxes, splits):
+    """The first of the gaps whose two sides are both columns: two boxes or more (one box beside a line is a row,
+    or a centred heading over one) spanning at least COLUMN_SHARE of all the boxes' width; None if none is."""
+    width = max(b[2] for b in boxes) - min(b[0] for b in boxes)
+
+    def is_column(side):
+        return len(side) >= 2 and max(b[2] for b in side) - min(b[0] for b in side) >= COLUMN_SHARE * width
+    for split in splits:
+        if is_column([b for b in boxes if b[0] < split]) and is_column([b for b in boxes if b[0] >= split]):
+            return split
+    return None
+
+
+def side_by_side(row, split):
+    """Whether a band holds a box left of the split and one that starts at it (give or take a quarter of the line's
+    height, for rounding): two columns' lines side by side. Boxes that only stack left and right of a gap (a
+    scatter), or a centred line over a row's right-hand cell, are no columns."""
+    right = [b[0] for b in row if b[0] >= split]
+    height = max(b[3] - b[1] for b in row)
+    return bool(right) and min(right) - split <= height / 4 and min(b[0] for b in row) < split
+
+
+def row_order(boxes):
+    """
+    One band's boxes row by row, each row left to right. Boxes are taken by their vertical centre; a box whose
     centre lies above the bottom of the row's first box joins that row, so two boxes of one text line whose tops
     differ by a few units still come out left, then right.
     """
