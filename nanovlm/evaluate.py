@@ -9,13 +9,16 @@ wrong image makes the right answer unlikely); one that ignores the image, whatev
 """
 
 import contextlib
+import itertools
 
 import torch
 
-from nanovlm.dataloader import collate, image_to, load_record_image, prompt_ids, render_record
+from nanovlm.dataloader import (asked, collate, conversation_prompt_ids, image_to, load_record_images, prompt_ids,
+                                record_turns, render_record)
 from nanovlm.engine import Engine, room_to_generate
 from nanovlm.image_process import preprocess
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
+from nanovlm.tokenizer import STUDENT, TEACHER
 from nanovlm.vlm import ctc_greedy
 
 IMAGE_GAP_WARN = 0.05  # nats per answer token: below this the model barely looks at its images
@@ -37,23 +40,43 @@ def score(pred, ref):
     return result
 
 
+def image_runs(row, image_token_id):
+    """The lengths of a row's <|image|> runs, in order."""
+    is_image = (row == image_token_id).int()
+    edges = torch.diff(is_image, prepend=is_image.new_zeros(1), append=is_image.new_zeros(1))
+    return ((edges == -1).nonzero() - (edges == 1).nonzero()).flatten().tolist()
+
+
 def swapped_images(inputs, images, image_token_id):
     """
-    The batch's images rolled by one among the rows whose image runs have the same length (so each row gets
-    another record's image in its own slots), and the mask of rows that got one. Rows hold one image each.
+    The batch's images with each row's rolled by one among the rows whose image runs have the same lengths (so
+    each row gets other records' images in their own slots), and the mask of rows that got some. A row holds one
+    image per run (several: a K-shot record); a batch where that fails (two <image> with nothing between make one
+    run) is left as it is, with no row swapped.
     """
-    counts = (inputs == image_token_id).sum(dim=1).tolist()
-    rows = [r for r, c in enumerate(counts) if c > 0]
-    assert len(rows) == len(images), "image gap: every image row holds exactly one image"
-    image_of_row = dict(zip(rows, images))
-    swapped, got_other = dict(image_of_row), torch.zeros(len(counts), dtype=torch.bool)
-    for count in set(counts[r] for r in rows):
-        group = [r for r in rows if counts[r] == count]
+    runs = [tuple(image_runs(row, image_token_id)) for row in inputs]
+    got_other = torch.zeros(len(runs), dtype=torch.bool)
+    if sum(map(len, runs)) != len(images):
+        return list(images), got_other
+    starts = list(itertools.accumulate(map(len, runs), initial=0))
+    own = [images[a:b] for a, b in zip(starts, starts[1:])]
+    swapped = list(own)
+    for key in set(runs) - {()}:
+        group = [r for r, row_runs in enumerate(runs) if row_runs == key]
         if len(group) > 1:
             for r, donor in zip(group, group[1:] + group[:1]):
-                swapped[r] = image_of_row[donor]
+                swapped[r] = own[donor]
                 got_other[r] = True
-    return [swapped[r] for r in rows], got_other
+    return [image for row in swapped for image in row], got_other
+
+
+def span_sums(losses, spans):
+    """[teacher loss sum, teacher tokens, student loss sum, student tokens] of per-token losses and their span ids
+    (tokenizer.TEACHER / STUDENT, same shapes; other tokens count nowhere), as one tensor: ready to add up over
+    micro-batches and all-reduce over ranks."""
+    teacher, student = spans == TEACHER, spans == STUDENT
+    return torch.stack([torch.where(teacher, losses, 0).sum(), teacher.sum().to(losses.dtype),
+                        torch.where(student, losses, 0).sum(), student.sum().to(losses.dtype)])
 
 
 @torch.no_grad()
@@ -83,18 +106,20 @@ def answer_losses(model, inputs, targets, images=None, features=None):
 def validation_sums(model, batches, device):
     """
     Over eval batches: (sums, spread). sums = [answer loss x tokens, answer tokens, image gap x tokens, tokens with
-    a swapped image] (float64, ready to all-reduce across ranks); spread = feature_spread of the first batch.
-    One forward gives the loss and the gap's reference; the swapped images take one more.
+    a swapped image, then span_sums: teacher loss x tokens, teacher tokens, student loss x tokens, student tokens]
+    (float64, ready to all-reduce across ranks); spread = feature_spread of the first batch.
+    One forward gives the loss, the span losses and the gap's reference; the swapped images take one more.
     """
-    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    sums = torch.zeros(8, device=device, dtype=torch.float64)
     spread = None
-    for inputs, targets, images in batches:
+    for inputs, targets, images, spans in batches:
         if spread is None:
             spread = feature_spread(model.encoder, images)
         own = answer_losses(model, inputs, targets, images)
         answer = targets != -1
         sums[0] += own[answer].sum()
         sums[1] += answer.sum()
+        sums[4:] += span_sums(own, spans)
         other, got_other = swapped_images(inputs, images, model.image_token_id)
         swapped_rows = answer & got_other.to(answer.device)[:, None]
         if swapped_rows.any():
@@ -111,24 +136,25 @@ def answer_budget(model, tokenizer, records, max_new_tokens=-1):
     """
     if max_new_tokens > 0:
         return max_new_tokens
-    longest = max((len(tokenizer.encode(record["answer"])) for record in records), default=0)
+    longest = max((len(tokenizer.encode(asked(record)[1])) for record in records), default=0)
     return max(longest + ANSWER_ROOM, model.config.sequence_len)
 
 
 def record_losses(model, rendered, features, pad_id, device):
     """
-    (loss, swapped_loss) per rendered record (ids, mask, _): its mean answer-token loss with its own image
-    features, and with another record's (swapped_images; None where no other record's run is as long).
+    (loss, swapped_loss) per rendered record (ids, spans, _): the mean loss of its asked answer (the student span)
+    with its own image features (flat in record order), and with another record's (swapped_images; None where no
+    other record's runs are as long).
     """
     if not rendered:
         return []
-    inputs, targets = collate([(ids, mask, None) for ids, mask, _ in rendered], pad_id, device)[:2]
+    inputs, targets, _, _, spans = collate([(ids, mask, None) for ids, mask, _ in rendered], pad_id, device)
     own = answer_losses(model, inputs, targets, features=features)
     other, got_other = swapped_images(inputs, features, model.image_token_id)
     swapped = answer_losses(model, inputs, targets, features=other) if got_other.any() else None
     losses = []
     for row in range(len(rendered)):
-        keep = targets[row] != -1
+        keep = spans[row] == STUDENT
         swapped_loss = swapped[row][keep].mean().item() if got_other[row] and keep.any() else None
         losses.append((own[row][keep].mean().item(), swapped_loss))
     return losses
@@ -172,7 +198,8 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
     scored. The losses cover records that fit the model's training sequence length: positions past it were never
     trained, so a longer record's losses are None, said in one line. Each image is decoded, preprocessed and
     encoded once, for the losses and generation; generation runs batch_size records at a time (greedy: the same
-    answers as one by one).
+    answers as one by one). A conversation record (K-shot) is asked its conversation up to its last answer, with
+    all its images; prompt, reference and loss are those of its last turns.
     """
     engine = Engine(model, tokenizer)
     device = model.get_device()
@@ -187,40 +214,43 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
     def flush():
         rendered = [r for *_, r in group]
         fits = [row for row, (ids, _, _) in enumerate(rendered) if len(ids) <= max_tokens]
-        images = [image_to(views, device) for _, _, views in rendered]
+        images = [[image_to(view, device) for view in views] for _, _, views in rendered]
         with torch.no_grad(), context:
-            features = model.encoder.encode_images(images)  # once, for everything below
-            losses = dict(zip(fits, record_losses(model, [rendered[r] for r in fits], [features[r] for r in fits],
-                                                  pad_id, device)))
-            ctc_texts = ctc_read(model, images)
+            flat = model.encoder.encode_images([image for row in images for image in row])  # once, for all below
+            starts = list(itertools.accumulate(map(len, images), initial=0))
+            features = [flat[a:b] for a, b in zip(starts, starts[1:])]  # each record's
+            losses = dict(zip(fits, record_losses(model, [rendered[r] for r in fits],
+                                                  [f for r in fits for f in features[r]], pad_id, device)))
+            ctc_texts = ctc_read(model, [row[-1] for row in images])  # the asked image
             prompts = [prompt for _, _, prompt, _ in group]
             answers = []
             for start in range(0, len(group), batch_size):
-                answers += engine.generate_many(prompts[start:start + batch_size],
-                                                features=features[start:start + batch_size], max_tokens=wanted)
+                answers += engine.generate_many(prompts[start:start + batch_size], max_tokens=wanted,
+                                                features=[f for row in features[start:start + batch_size] for f in row])
         for row, ((index, record, _, (ids, _, _)), answer, ctc_text) in enumerate(zip(group, answers, ctc_texts)):
             if row not in losses:
                 print(f"record {record['id']}: no loss: {len(ids) - 1} tokens with its reference, more than the "
                       f"{max_tokens - 1} this model trained on (answered and scored all the same)")
             loss, swapped_loss = losses.get(row, (None, None))
             pred = tokenizer.decode(answer)
-            samples[index] = dict(id=record["id"], prompt=record["prompt"], prediction=pred,
-                                  reference=record["answer"], loss=loss, swapped_loss=swapped_loss,
-                                  **score(pred, record["answer"]))
+            prompt, reference = asked(record)
+            samples[index] = dict(id=record["id"], prompt=prompt, prediction=pred, reference=reference, loss=loss,
+                                  swapped_loss=swapped_loss, **score(pred, reference))
             if ctc_text is not None:
-                samples[index].update(ctc_prediction=ctc_text, ctc_cer=cer(ctc_text, record["answer"]))
+                samples[index].update(ctc_prediction=ctc_text, ctc_cer=cer(ctc_text, reference))
         group.clear()
 
     for index, record in enumerate(records):
         try:
-            image = load_record_image(record)
-            prompt = prompt_ids(tokenizer, record["prompt"], image, image_mode)
+            images = load_record_images(record)
+            prompt = conversation_prompt_ids(tokenizer, record_turns(record)[0], images, image_mode)
             room_to_generate(model.gpt, len(prompt))  # a prompt longer than the rotary table cannot be answered
-            group.append((index, record, prompt, render_record(record, tokenizer, image_mode, image=image)))
+            group.append((index, record, prompt, render_record(record, tokenizer, image_mode, images=images)))
         except ValueError as e:  # an unreadable record scores as an empty answer, the eval goes on
             print(f"record {record['id']}: {e}")
-            samples[index] = dict(id=record["id"], prompt=record["prompt"], prediction="", reference=record["answer"],
-                                  loss=None, swapped_loss=None, error=str(e), **score("", record["answer"]))
+            prompt, reference = asked(record)
+            samples[index] = dict(id=record["id"], prompt=prompt, prediction="", reference=reference, loss=None,
+                                  swapped_loss=None, error=str(e), **score("", reference))
             continue
         if len(group) == gap_batch:
             flush()

@@ -324,7 +324,8 @@ class GPT(nn.Module):
         """
         idx: (B, T) token ids, or None when embeds (B, T, n_embd) are given (image features already spliced in).
         Returns fp32 softcapped logits (B, T, vocab_size), or the loss when targets (B, T) are given
-        (targets of -1 are ignored; loss_reduction 'mean' or 'none' as in F.cross_entropy).
+        (targets of -1 are ignored; loss_reduction 'mean' or 'none' as in F.cross_entropy, or 'supervised': the
+        losses of the targets that are not -1 alone, flat in row-major order).
         doc_ids (B, T), for rows packed with several samples (training, no kv_cache): the sample of each token, a
         new id at every sample start. No token then attends across samples and positions restart at each one.
         None: one sample per row, plain causal attention.
@@ -357,12 +358,13 @@ class GPT(nn.Module):
                 x = block(x, cos_sin, kv_cache, attn_mask)
         x = norm(x)
 
-        if targets is not None and loss_reduction == "mean":
+        if targets is not None and loss_reduction in ("mean", "supervised"):
             # the mean ignores -1 targets anyway, so only the supervised rows need the (big) lm_head matmul:
             # in a VLM batch most positions are image or prompt tokens
             keep = targets.reshape(-1) != -1
             logits = self.head_logits(x.reshape(-1, x.size(-1))[keep])
-            return F.cross_entropy(logits, targets.reshape(-1)[keep], reduction="mean")
+            return F.cross_entropy(logits, targets.reshape(-1)[keep],
+                                   reduction="mean" if loss_reduction == "mean" else "none")
         logits = self.head_logits(x)
         if targets is not None:
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

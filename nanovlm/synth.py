@@ -977,6 +977,22 @@ def make_sample(kind, seed, split, index, short=False, attempt=0):
     return record, image
 
 
+def make_shots(kind, seed, split, index, shots):
+    """
+    Record `index` of a K-shot set (K = shots) as (record, images): a conversation of the kind's samples
+    index * (K + 1) + j, the first K as example turns (image -> answer), then the asked one, images in turn order.
+    Each sample is one make_sample, so splits still never share one and no two records share one.
+    """
+    samples = [make_sample(kind, seed, split, index * (shots + 1) + j) for j in range(shots + 1)]
+    conversation = []
+    for record, _ in samples:
+        conversation += [{"role": "user", "content": record["prompt"]},
+                         {"role": "assistant", "content": record["answer"]}]
+    record = {"id": f"{split}_{index:06d}_{kind}_{shots}shot", "conversation": conversation,
+              "source": samples[-1][0]["source"], "type": kind}
+    return record, [image for _, image in samples]
+
+
 
 
 # -----------------------------------------------------------------------------

@@ -35,6 +35,10 @@ GROUNDING_TOKENS = ["<|grounding|>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>
 SPECIAL_TOKENS = NANOCHAT_SPECIAL_TOKENS + [IMAGE_TOKEN] + GROUNDING_TOKENS
 
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a prompt; rendered as N <|image|> ids
+# span ids of render_conversation(spans=True): the last assistant turn (the asked answer, the "student" span) and
+# the ones before it (in-context examples, the "teacher" spans); 0 is not supervised. The student is 1, what a
+# plain mask gives every learned token: a single-turn render is the same with or without spans
+STUDENT, TEACHER = 1, 2
 
 # GPT-4's pattern with numbers split into groups of at most two digits (nanochat's choice)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -138,10 +142,12 @@ class Tokenizer:
                 ids.extend(self.enc.encode_ordinary(piece))
         return ids
 
-    def render_conversation(self, conversation, image_tokens=None, max_tokens=None):
+    def render_conversation(self, conversation, image_tokens=None, max_tokens=None, spans=False):
         """
         Tokenize a conversation for training. Returns (ids, mask): mask is 1 exactly on the tokens the model
         learns to produce (the assistant's text and its <|assistant_end|>), 0 on bos, prompts, images, specials.
+        spans: the mask says which turn a supervised token is in instead of 1: STUDENT in the last assistant
+        turn, TEACHER in the ones before it.
 
         conversation: a list of {"role", "content"} messages, or {"messages": [...]}. Roles alternate
         user/assistant; a leading system message is merged into the first user message. Each `<image>` in a
@@ -157,6 +163,7 @@ class Tokenizer:
         if not messages:
             raise ValueError("empty conversation")
         image_counts = list(image_tokens or [])
+        last_answer = len(messages) - 1 - len(messages) % 2  # roles alternate from user: answers sit at odd indices
 
         ids, mask = [], []
         def add(token_ids, supervised):
@@ -176,21 +183,22 @@ class Tokenizer:
                 add(self.render_user_text(content, image_counts), 0)
                 add([self.encode_special("<|user_end|>")], 0)
             else:
+                learned = 1 if not spans else STUDENT if i == last_answer else TEACHER
                 add([self.encode_special("<|assistant_start|>")], 0)
                 parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
                 for part in parts:
                     if part["type"] == "text":
-                        add(self.encode_with_markup(part["text"]), 1)
+                        add(self.encode_with_markup(part["text"]), learned)
                     elif part["type"] == "python":
                         add([self.encode_special("<|python_start|>")] + self.encode(part["text"])
-                            + [self.encode_special("<|python_end|>")], 1)
+                            + [self.encode_special("<|python_end|>")], learned)
                     elif part["type"] == "python_output":
                         # tool output is forced at inference time, so it is not learned
                         add([self.encode_special("<|output_start|>")] + self.encode(part["text"])
                             + [self.encode_special("<|output_end|>")], 0)
                     else:
                         raise ValueError(f"message {i}: unknown content part type {part['type']!r}")
-                add([self.encode_special("<|assistant_end|>")], 1)
+                add([self.encode_special("<|assistant_end|>")], learned)
         if image_counts:
             raise ValueError(f"{len(image_counts)} image token count(s) given but no {IMAGE_PLACEHOLDER} left for them")
 

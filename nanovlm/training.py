@@ -25,7 +25,8 @@ from nanovlm.checkpoint import (find_last_step, image_mode_of, load_checkpoint, 
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import (eval_batches, load_conversations, load_records, longest_record, prompt_counts,
                                 vision_batches)
-from nanovlm.evaluate import FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, summarize, validation_sums
+from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, span_sums, summarize,
+                              validation_sums)
 from nanovlm.image_process import resolve_mode
 from nanovlm.importers import load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat
 from nanovlm.lora import ADAPTER_KEYS, prepare_adapters
@@ -211,19 +212,34 @@ def sequence_length(model, tokenizer, records, texts, image_mode, max_seq_len):
 
 
 def ctc_targets_of(inputs, targets, tokenizer, image_token_id):
-    """The text each image of the batch shows, as byte tensors for the CTC read-out: the answer of every sample
-    that holds an image (its supervised tokens without the special ones), in the batch's image order. A sample
-    starts at its <|bos|>, so a packed row holding several gives each its own text."""
+    """The text each image of the batch shows, as byte tensors for the CTC read-out, in the batch's image order:
+    the answer of the turn that shows it (its supervised tokens without the special ones). A turn starts at a
+    <|bos|> or <|user_start|>, so a packed row holding several samples, and a K-shot sample holding several turns,
+    give each image its own text (one per <|image|> run: a turn showing two images gives both its answer)."""
     specials = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
-    bos = tokenizer.get_bos_token_id()
+    turn_starts = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|user_start|>")}
     texts = []
     for row_inputs, row_targets in zip(inputs.tolist(), targets.tolist()):
-        starts = [i for i, t in enumerate(row_inputs) if t == bos] + [len(row_inputs)]
-        for a, b in zip(starts, starts[1:]):
-            if image_token_id in row_inputs[a:b]:
+        starts = [i for i, t in enumerate(row_inputs) if t in turn_starts] + [len(row_inputs)]
+        for a, b in zip(starts, starts[1:]):  # a turn never starts with an image: i - 1 is in the row
+            runs = sum(row_inputs[i] == image_token_id != row_inputs[i - 1] for i in range(a, b))
+            if runs:
                 ids = [t for t in row_targets[a:b] if t != -1 and t not in specials]
-                texts.append(torch.tensor(list(tokenizer.decode(ids).encode("utf-8")), dtype=torch.long))
+                texts += [torch.tensor(list(tokenizer.decode(ids).encode("utf-8")), dtype=torch.long)] * runs
     return texts
+
+
+def lm_objective(losses, spans, teacher_weight):
+    """
+    The language-model loss a step trains on and the span sums behind it (evaluate.span_sums, detached), from
+    the supervised tokens' losses and span ids, flat (GPT.forward's loss_reduction="supervised" order).
+    (teacher_weight x teacher sum + student sum) / (teacher_weight x teacher tokens + student tokens): the mean
+    over the supervised tokens with each teacher token counted teacher_weight times. At teacher_weight 1 that is
+    the plain mean over all of them, the loss without spans; a batch without teacher spans (single-turn records)
+    gives the student mean at any weight; teacher_weight 0 learns the asked answers alone.
+    """
+    sums = span_sums(losses, spans)
+    return (teacher_weight * sums[0] + sums[2]) / (teacher_weight * sums[1] + sums[3]), sums.detach()
 
 
 def views_of(images):
@@ -263,7 +279,7 @@ def calibrate_image_norm(model, records, tokenizer, image_mode, max_tokens, devi
     norm.momentum = None  # a cumulative average over the calibration batches
     model.encoder.train()
     batch_size = max(batch_size, 2)
-    for _, _, images in eval_batches(records[:count], tokenizer, batch_size, max_tokens, image_mode, device):
+    for _, _, images, _ in eval_batches(records[:count], tokenizer, batch_size, max_tokens, image_mode, device):
         if len(images) > 1:
             model.encoder.encode_images(images)
     # BatchNorm keeps the unbiased variance but a training batch is normalised by its biased one: keep what
@@ -403,24 +419,30 @@ def train_step(run, loader, batch):
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    tokens, padding, flops, loss_sum, ctc_sum = 0, 0, 0, 0.0, 0.0
+    tokens, padding, flops, loss_sum, ctc_sum, span_sum = 0, 0, 0, 0.0, 0.0, 0.0
     for micro in range(run.grad_accum):
-        inputs, targets, images, doc_ids, run.loader_state = batch
+        inputs, targets, images, doc_ids, spans, run.loader_state = batch
         padding += (doc_ids == 0).sum()  # row padding: in tok/sec, but no sample's
         # the mask only where a row holds several samples: one per row is plain causal attention, and faster
         packed = doc_ids if cfg["pack"] and inputs.size(0) < run.device_batch_size else None
         sync = not run.ddp or micro == run.grad_accum - 1  # DDP all-reduces only on the last micro-batch
         with (run.train_model.no_sync() if not sync else contextlib.nullcontext()), run.autocast:
+            # per-token losses of the supervised tokens: the objective weighs the teacher spans (lm_objective)
             if use_ctc:
                 ctc_targets = ctc_targets_of(inputs, targets, run.tokenizer, model.image_token_id)
-                loss, ctc = run.train_model(inputs, images=images, targets=targets, ctc_targets=ctc_targets,
-                                            doc_ids=packed)
+                losses, ctc = run.train_model(inputs, images=images, targets=targets, ctc_targets=ctc_targets,
+                                              doc_ids=packed, loss_reduction="supervised")
                 ctc_sum += ctc.detach()
+                loss, sums = lm_objective(losses, spans[targets != -1], cfg["teacher_weight"])
                 total = loss + cfg["ctc_weight"] * ctc
             else:
-                loss = total = run.train_model(inputs, images=images, targets=targets, doc_ids=packed)
+                losses = run.train_model(inputs, images=images, targets=targets, doc_ids=packed,
+                                         loss_reduction="supervised")
+                loss, sums = lm_objective(losses, spans[targets != -1], cfg["teacher_weight"])
+                total = loss
         (total / run.grad_accum).backward()
         loss_sum += loss.detach()
+        span_sum += sums
         tokens += inputs.numel()
         if run.flop_stages:
             flops += model.training_flops(*inputs.shape, views_of(images), (targets != -1).sum(), run.flop_stages)
@@ -428,6 +450,7 @@ def train_step(run, loader, batch):
     train_loss = loss_sum / run.grad_accum
     if run.ddp:
         dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        dist.all_reduce(span_sum)
     if not torch.isfinite(train_loss):
         skip_step(run, f"loss {train_loss.item()}")
         return batch, None
@@ -447,8 +470,10 @@ def train_step(run, loader, batch):
         torch.cuda.synchronize()
     dt = time.time() - t0
     ctc_loss = float(ctc_sum) / run.grad_accum if use_ctc else None  # this rank's, for the log line only
+    teacher_sum, n_teacher, student_sum, n_student = span_sum.tolist()
+    teacher, student = (teacher_sum / n_teacher, student_sum / n_student) if n_teacher else (None, None)
     return batch, dict(loss=train_loss.item(), ctc=ctc_loss, lrm=lrm, dt=dt, tokens=tokens * run.world_size,
-                       flops=float(flops), pad=float(padding) / tokens)
+                       flops=float(flops), pad=float(padding) / tokens, teacher=teacher, student=student)
 
 
 def log_step(run, stats):
@@ -462,15 +487,20 @@ def log_step(run, stats):
     # this rank's share of its GPU
     mfu = f"{100 * stats['flops'] / stats['dt'] / run.peak_flops:.2f}" if run.peak_flops else "-"
     ctc_part = f" | ctc {stats['ctc']:.4f}" if stats["ctc"] is not None else ""
+    # each span's own mean, in steps whose data has example turns (K-shot conversations) to tell apart
+    span_part = f" | teacher {stats['teacher']:.4f} student {stats['student']:.4f}" if stats["teacher"] is not None \
+        else ""
     n = run.cfg["num_iterations"]
     # pad: the share of this rank's tokens in the step that are row padding (tok/sec counts them, as it runs them)
-    print0(f"step {run.step:05d}/{n:05d} ({100 * run.step / n:.2f}%) | loss {debiased:.6f}{ctc_part} | "
+    print0(f"step {run.step:05d}/{n:05d} ({100 * run.step / n:.2f}%) | loss {debiased:.6f}{ctc_part}{span_part} | "
            f"lrm {stats['lrm']:.2f} | dt {stats['dt'] * 1000:.1f}ms | tok/sec {tok_per_sec:,} | pad "
            f"{100 * stats['pad']:.1f}% | mfu {mfu} | total time {run.total_time / 60:.2f}m")
     record_step(run.history, run.step, stats, debiased)
     if run.step % 10 == 0:
+        spans = {"train/teacher_loss": stats["teacher"], "train/student_loss": stats["student"]} \
+            if stats["teacher"] is not None else {}
         run.logger.log({"step": run.step, "train/loss": debiased, "train/lrm": stats["lrm"], "train/dt": stats["dt"],
-                        "train/tok_per_sec": tok_per_sec})
+                        "train/tok_per_sec": tok_per_sec, **spans})
 
 
 def evaluate(run):
@@ -485,6 +515,9 @@ def evaluate(run):
     if run.world_size > 1:
         dist.all_reduce(sums)
     metrics = {"val/loss": (sums[0] / sums[1].clamp(min=1)).item()}
+    if sums[5] > 0:  # records with example turns: each span's own mean
+        metrics["val/teacher_loss"] = (sums[4] / sums[5]).item()
+        metrics["val/student_loss"] = (sums[6] / sums[7].clamp(min=1)).item()
     if sums[3] > 0:
         metrics["val/image_gap"] = (sums[2] / sums[3]).item()
     if spread is not None:
@@ -497,6 +530,8 @@ def evaluate(run):
         first = summary["samples"][0]
         print0(f"sample {first['id']}: {first['prediction'][:120]!r}")
     line = f"Step {run.step:05d} | val loss {metrics['val/loss']:.4f}"
+    if "val/teacher_loss" in metrics:
+        line += f" | teacher {metrics['val/teacher_loss']:.4f} student {metrics['val/student_loss']:.4f}"
     if "val/image_gap" in metrics:
         line += f" | image gap {metrics['val/image_gap']:.4f}"
     if "val/feature_spread" in metrics:

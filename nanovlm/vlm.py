@@ -172,7 +172,7 @@ class VLM(nn.Module):
             return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
                             embeds=self.embed(idx, images, features=features), doc_ids=doc_ids)
         embeds, readouts = self.embed(idx, images, return_readouts=True)
-        lm_loss = self.gpt(None, targets=targets, embeds=embeds, doc_ids=doc_ids)
+        lm_loss = self.gpt(None, targets=targets, embeds=embeds, doc_ids=doc_ids, loss_reduction=loss_reduction)
         return lm_loss, self.ctc_loss(readouts, ctc_targets)
 
     def ctc_loss(self, readouts, ctc_targets):

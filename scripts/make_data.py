@@ -8,10 +8,14 @@ Pillow from a seed. Nothing is downloaded; the text comes from the small word po
     python -m scripts.make_data --chats=500                    # text-only conversations: data/chats.jsonl
     python -m scripts.make_data --n=200 --split=val --seed=777 --kinds=print --out_dir=data/print_val
     python -m scripts.make_data --n=50 --split=val --seed=777 --kinds=page --out_dir=data/pages_val
+    python -m scripts.make_data --n=500 --split=val --shots=2 --kinds=line  # -> data/synth_2shot_val/
 
 A dataset is a JSON list of records {id, image, prompt, answer, source, type}, `image` a PNG path relative to the
 JSON file. Every sample is a pure function of (seed, split, index): the same command gives the same bytes, and two
 splits never share a sample because the split name is part of every sample's seed. Kinds take turns by index.
+--shots=K writes K-shot conversation records {id, conversation, images, source, type} instead: K example turns
+(image -> answer) of the record's kind, then the asked image (synth.make_shots; record i holds the kind's samples
+i * (K + 1) to i * (K + 1) + K, its PNGs images/<id>_<j>.png in turn order).
 The kind `print` is not drawn: it cuts runs of words from real typeset PDF pages (nanovlm/realprint.py, which needs
 pypdfium2 and the Debian manuals that scripts/setup_data.sh installs; train and val use different documents).
 The kinds `page` (drawn) and `page_print` (windows of those real pages) ground every text line of a document window
@@ -23,6 +27,7 @@ The fonts are Pillow's bundled scalable font (no system fonts, so images are the
 Text is drawn big on canvases of 256-512 px, because the model may see the image at only 128-256 px.
 """
 
+import functools
 import json
 import os
 import time
@@ -30,14 +35,15 @@ import time
 from PIL import Image, ImageChops
 
 from nanovlm.synth import (FONT_FACES, MAX_ANSWER_CHARS, PROMPT_DESCRIBE, PROMPT_FIGURE,  # noqa: F401
-                           PROMPT_OCR, RENDERERS, draw_receipt, make_chat, make_sample, render_chart, render_scene,
-                           sample_rng, shop_template, system_font_files, templated_receipt_lines)
+                           PROMPT_OCR, RENDERERS, draw_receipt, make_chat, make_sample, make_shots, render_chart,
+                           render_scene, sample_rng, shop_template, system_font_files, templated_receipt_lines)
 
 out_dir = ""  # default: data/synth_<split>, or data/tier1 with --tier1=True
 n = 1000  # number of samples
 split = "train"  # part of every sample's seed: train and val never share a sample
 seed = 0
 kinds = "receipt,chart,scene,line,paragraph,grounding"  # comma-separated, taken in turn
+shots = 0  # > 0: K-shot conversation records (K example image -> answer turns of the kind, then the asked image)
 tier1 = False  # write the fixed 10-record sanity set (4 receipts of one shop, 3 charts, 3 scenes); --seed picks another
 chats = 0  # > 0: write this many text-only conversations (JSONL, for stage 2's --text_data) instead of images
 workers = 1  # processes
@@ -53,6 +59,16 @@ def write_sample(job):
     record, image = make_sample(kind, seed, split, index)
     record["image"] = f"images/{record['id']}.png"
     image.save(os.path.join(out_dir, record["image"]), compress_level=1)  # fast; barely larger than the default
+    return record
+
+
+def write_shots(job, shots):
+    """Render one K-shot record, save its PNGs under out_dir/images (in turn order), return its record."""
+    out_dir, kind, seed, split, index = job
+    record, images = make_shots(kind, seed, split, index, shots)
+    record["images"] = [f"images/{record['id']}_{j}.png" for j in range(len(images))]
+    for path, image in zip(record["images"], images):
+        image.save(os.path.join(out_dir, path), compress_level=1)
     return record
 
 
@@ -98,14 +114,15 @@ def transparent_paper(image):
 
 def save_dataset(records, out_dir):
     path = os.path.join(out_dir, "dataset.json")
+    fields = {False: ("id", "image", "prompt", "answer", "source", "type"),
+              True: ("id", "conversation", "images", "source", "type")}
     with open(path, "w") as f:
-        json.dump([{k: r[k] for k in ("id", "image", "prompt", "answer", "source", "type")} for r in records], f,
-                  indent=1)
+        json.dump([{k: r[k] for k in fields["conversation" in r]} for r in records], f, indent=1)
         f.write("\n")
     return path
 
 
-def generate(out_dir, n, split, seed, kind_list, num_workers):
+def generate(out_dir, n, split, seed, kind_list, num_workers, shots=0):
     for kind in kind_list:
         if kind not in RENDERERS:
             raise ValueError(f"unknown kind '{kind}', choose from {', '.join(RENDERERS)}")
@@ -113,12 +130,13 @@ def generate(out_dir, n, split, seed, kind_list, num_workers):
         raise ValueError(f"n must be at least 1, got {n}")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     jobs = [(out_dir, kind_list[i % len(kind_list)], seed, split, i) for i in range(n)]
+    work = functools.partial(write_shots, shots=shots) if shots > 0 else write_sample
     if num_workers > 1:
         import multiprocessing
         with multiprocessing.Pool(num_workers) as pool:  # imap keeps the records in index order
-            records = with_progress(pool.imap(write_sample, jobs, chunksize=64), n)
+            records = with_progress(pool.imap(work, jobs, chunksize=64), n)
     else:
-        records = with_progress(map(write_sample, jobs), n)
+        records = with_progress(map(work, jobs), n)
     return save_dataset(records, out_dir)
 
 
@@ -164,8 +182,8 @@ def main():
         path = generate_tier1(out_dir or os.path.join(REPO_ROOT, "data", "tier1"), seed)
     else:
         kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
-        path = generate(out_dir or os.path.join(REPO_ROOT, "data", f"synth_{split}"), n, split, seed, kind_list,
-                        workers)
+        name = f"synth_{shots}shot_{split}" if shots > 0 else f"synth_{split}"
+        path = generate(out_dir or os.path.join(REPO_ROOT, "data", name), n, split, seed, kind_list, workers, shots)
     print(f"wrote {path}")
 
 

@@ -24,6 +24,7 @@ model = "tiny"  # preset: tiny (CPU), lines (tiny made to read text lines) or d2
 image_mode = ""  # empty = the preset's (tiny: resize:256, lines: line:2048:64:1, d20: base)
 max_seq_len = 0  # longest training sample in tokens; 0 = the longest record of the data (nothing is truncated)
 ctc_weight = 1.0  # weight of the auxiliary CTC loss, for presets with a CTC read-out (lines)
+teacher_weight = 1.0  # weight of a conversation's example turns against its last answer (1 = every token alike)
 token_ctc_split = 0  # > 0 (a fresh lines model): also a CTC read-out of the projected tokens, this many steps each
 start_from = ""  # a nanovlm checkpoint dir (or model_tag) to start from: weights only, new optimizer
 init_from = ""  # a nanochat checkpoint dir for the GPT (then resize_vocab for our special tokens)

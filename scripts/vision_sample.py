@@ -1,9 +1,12 @@
 """
 Evaluate a checkpoint on a dataset: per record the teacher-forced answer loss, then a greedy answer scored by
 exact match, CER, NED, word precision and, for grounding answers, box IoU and detection rate. Every record is
-answered and scored; one longer than the checkpoint's training length gets no loss (it says so).
+answered and scored; one longer than the checkpoint's training length gets no loss (it says so). A conversation
+record (K-shot: K example image -> answer turns, then the asked image) is asked its turns up to its last answer,
+with all its images, and scored on that answer.
 
     python -m scripts.vision_sample --data=data/tier1/dataset.json --model_tag=vis_tok --json=eval.json
+    python -m scripts.vision_sample --data=data/shots_val/dataset.json --model_tag=vis_tok    # make_data --shots=2
     python -m scripts.vision_sample --data=data/synth_lines_val/dataset.json --model_tag=lines --batch_size=32
     torchrun --standalone --nproc_per_node=2 -m scripts.vision_sample --data=data/synth_val/dataset.json
 
@@ -29,7 +32,8 @@ checkpoint_dir = ""  # or an explicit checkpoint directory
 step = -1  # -1 = the latest
 image_mode = ""  # empty = the one the checkpoint was trained with
 max_new_tokens = -1  # -1 = the longest reference + a little, at least the checkpoint's sequence length
-prompt = ""  # empty = each record's own (a record without one: the checkpoint's training prompt); else every record's
+prompt = ""  # empty = each record's own (a record without one: the checkpoint's training prompt); else every
+# single-image record's (a conversation record, K-shot, is always asked its own turns)
 limit = -1  # evaluate only the first N records
 batch_size = 8  # records generated together (greedy answers are the same at any batch size)
 json = ""  # write the summary here
@@ -48,10 +52,10 @@ except (FileNotFoundError, ValueError) as e:
 records = records[:limit] if limit > 0 else records[:]  # a list: a synthetic set is drawn once, here
 print0(f"evaluating {directory} step {meta['step']} on {len(records)} records of {data} (image mode {image_mode})")
 asked, note = reading_prompt(meta, prompt)  # --prompt, else the checkpoint's, for records without their own
-without_prompt = sum("prompt" not in r for r in records)
+without_prompt = sum("prompt" not in r and "conversation" not in r for r in records)
 if without_prompt and not prompt:
     print0(f"records without a prompt ({without_prompt}) are asked {asked!r}: {note}")
-records = [dict(r, prompt=asked) if prompt or "prompt" not in r else r for r in records]
+records = [dict(r, prompt=asked) if (prompt or "prompt" not in r) and "conversation" not in r else r for r in records]
 # one budget for every rank: the longest reference among all the records, not among this rank's share
 max_new_tokens = answer_budget(model, tokenizer, records, max_new_tokens)
 print0(f"answers of up to {max_new_tokens} new tokens (--max_new_tokens; by default the longest reference + "

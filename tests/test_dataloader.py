@@ -30,7 +30,7 @@ def answers_in(batch, tokenizer):
 def test_targets_are_the_answer_only(tokenizer, dataset):
     records = load_records(dataset)
     loader = vision_batches(records, tokenizer, 4, 256, MODE, seed=1)
-    inputs, targets, images, doc_ids, state = next(loader)
+    inputs, targets, images, doc_ids, spans, state = next(loader)
     end = "<|assistant_end|>"
     texts = answers_in((inputs, targets), tokenizer)
     assert all(t.endswith(end) and t[:-len(end)] in ANSWERS for t in texts)
@@ -48,7 +48,7 @@ def test_labels_stay_aligned_when_images_sit_at_different_positions(tokenizer, t
     records[1]["prompt"] = "A much longer preamble before the picture, so the image starts later: <image>\nOCR."
     json.dump(records, open(path, "w"))
     loader = vision_batches(load_records(path), tokenizer, 2, 256, MODE, seed=0)
-    inputs, targets, images, _, _ = next(loader)
+    inputs, targets, images, _, _, _ = next(loader)
     image_id = tokenizer.encode_special("<|image|>")
     starts = [(row == image_id).nonzero()[0].item() for row in inputs]
     assert starts[0] != starts[1]
@@ -84,7 +84,7 @@ def test_text_mixing_ratio():
 def test_text_conversations_are_mixed_into_batches(tokenizer, dataset):
     texts = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "text only reply"}]]
     loader = vision_batches(load_records(dataset), tokenizer, 8, 256, MODE, texts=texts, text_ratio=0.5, seed=0)
-    inputs, targets, images, _, _ = next(loader)
+    inputs, targets, images, _, _, _ = next(loader)
     supervised = answers_in((inputs, targets), tokenizer)
     n_text = supervised.count("text only reply<|assistant_end|>")
     assert n_text > 0 and len(images) == 8 - n_text
@@ -94,11 +94,11 @@ def test_text_conversations_are_mixed_into_batches(tokenizer, dataset):
 def test_resume_state_continues_with_the_next_batch(tokenizer, dataset, pack):
     records = load_records(dataset)
     full = take(vision_batches(records, tokenizer, 3, 256, MODE, seed=2, pack=pack), 6)
-    state = full[2][4]
+    state = full[2][5]
     resumed = take(vision_batches(records, tokenizer, 3, 256, MODE, seed=2, pack=pack,
                                   resume_state=json.loads(json.dumps(state))), 3)
     for a, b in zip(full[3:], resumed):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+        assert all(torch.equal(a[i], b[i]) for i in (0, 1, 3, 4))  # inputs, targets, doc_ids, spans
         assert all(torch.equal(x[0], y[0]) for x, y in zip(a[2], b[2]))
     if pack:
         assert all(batch[0].size(0) < 3 for batch in full)  # three short samples share rows
@@ -113,7 +113,7 @@ def test_packed_batches_hold_the_same_samples(tokenizer, dataset):
         return sorted(t for row in answers_in(batch, tokenizer) for t in row.split("<|assistant_end|>") if t)
     for a, b in zip(plain, packed):
         assert answers(a) == answers(b) and len(answers(b)) == 4
-        assert len(b[2]) == 4 and b[0].size(0) < a[0].size(0) and a[4] == b[4]
+        assert len(b[2]) == 4 and b[0].size(0) < a[0].size(0) and a[5] == b[5]
         assert (b[3] == 0).sum() < (a[3] == 0).sum()  # less padding
         assert int((a[3] > 0).sum()) == int((b[3] > 0).sum())  # the same real tokens
 
@@ -143,7 +143,7 @@ def test_bad_records_are_skipped_by_id_or_stop_in_strict_mode(tokenizer, tmp_pat
 def test_overlong_records_are_reported_and_skipped_never_cut(tokenizer, tmp_path, capsys):
     path = write_dataset(str(tmp_path), ["word " * 300, "short"])
     batches = vision_batches(load_records(path), tokenizer, 1, 64, MODE)
-    inputs, targets, images, _, _ = next(batches)
+    inputs, targets, images, _, _, _ = next(batches)
     assert torch.equal(next(batches)[0], inputs)  # the only record that fits, again and again
     out = capsys.readouterr().out
     assert "record r0:" in out and "raise --max_seq_len" in out

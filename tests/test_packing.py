@@ -61,7 +61,7 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(tokenizer, tmp_pat
                 p.normal_(0, 0.05)
     results = {}
     for packed in (False, True):
-        inputs, targets, images, doc_ids = collate(samples, pad, "cpu", row_len if packed else 0)
+        inputs, targets, images, doc_ids, _ = collate(samples, pad, "cpu", row_len if packed else 0)
         loss = model(inputs, images=images, targets=targets, doc_ids=doc_ids if packed else None)
         loss.backward()
         results[packed] = (inputs.shape, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
@@ -80,9 +80,9 @@ def test_each_image_lands_in_its_own_sample(tokenizer, tmp_path, one_thread):
     samples = rendered_samples(tokenizer, tmp_path)
     pad = tokenizer.encode_special("<|assistant_end|>")
     model = tiny_vlm(tokenizer).eval()
-    inputs, _, images, _ = collate(samples, pad, "cpu")
+    inputs, _, images, _, _ = collate(samples, pad, "cpu")
     row_len = 2 * inputs.size(1)
-    p_inputs, _, p_images, p_doc_ids = collate(samples, pad, "cpu", row_len)
+    p_inputs, _, p_images, p_doc_ids, _ = collate(samples, pad, "cpu", row_len)
     with torch.no_grad():
         rows, packed = model.embed(inputs, images), model.embed(p_inputs, p_images)
     segments = [(r, p_doc_ids[r] == d) for r in range(p_inputs.size(0)) for d in range(1, int(p_doc_ids[r].max()) + 1)]
@@ -97,8 +97,8 @@ def test_each_image_lands_in_its_own_sample(tokenizer, tmp_path, one_thread):
 def test_ctc_texts_are_one_per_image_whether_packed_or_not(tokenizer, tmp_path):
     samples = rendered_samples(tokenizer, tmp_path)
     pad, image_id = tokenizer.encode_special("<|assistant_end|>"), tokenizer.encode_special("<|image|>")
-    inputs, targets, _, _ = collate(samples, pad, "cpu")
-    p_inputs, p_targets, _, _ = collate(samples, pad, "cpu", 2 * inputs.size(1))
+    inputs, targets, _, _, _ = collate(samples, pad, "cpu")
+    p_inputs, p_targets, _, _, _ = collate(samples, pad, "cpu", 2 * inputs.size(1))
     texts = [bytes(t.tolist()).decode() for t in ctc_targets_of(inputs, targets, tokenizer, image_id)]
     packed = [bytes(t.tolist()).decode() for t in ctc_targets_of(p_inputs, p_targets, tokenizer, image_id)]
     assert texts == ANSWERS and p_inputs.size(0) < len(ANSWERS)

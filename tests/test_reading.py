@@ -63,7 +63,7 @@ def test_ctc_loss_trains_the_sam_neck_and_token_read_outs(tokenizer):
     records = load_records("synth:line2:4:0")
     batch = collate([render_record(r, tokenizer, "rect:1024:64", 200) for r in records],
                     tokenizer.encode_special("<|assistant_end|>"), "cpu")
-    inputs, targets, images, _ = batch
+    inputs, targets, images, _, _ = batch
     texts = ctc_targets_of(inputs, targets, tokenizer, model.image_token_id)
     assert [bytes(t.tolist()).decode() for t in texts] == [r["answer"] for r in records]
     lm_loss, ctc_loss = model(inputs, images=images, targets=targets, ctc_targets=texts)
@@ -84,11 +84,12 @@ def test_synthetic_records_are_drawn_on_demand_and_deterministic(tokenizer):
     assert records[0]["answer"] == load_records("synth:line2,line:1000:3")[0]["answer"]
     assert records[0]["answer"] != load_records("synth:line2,line:1000:4")[0]["answer"]
     assert [r["id"] for r in records[2:4]] == [records[2]["id"], records[3]["id"]]
-    for bad in ("synth:", "synth:line2", "synth:nope:10", "synth:line2:0", "synth:line2:x", "synth:line2:5:1:2"):
+    for bad in ("synth:", "synth:line2", "synth:nope:10", "synth:line2:0", "synth:line2:x", "synth:line2:5:1:-1",
+                "synth:line2:5:1:2:3"):
         with pytest.raises(ValueError, match="synthetic data spec"):
             load_records(bad)
-    inputs, targets, images, _, state = next(vision_batches(records, tokenizer, 4, 200, "rect:1024:64",
-                                                            num_workers=1))
+    inputs, targets, images, _, _, state = next(vision_batches(records, tokenizer, 4, 200, "rect:1024:64",
+                                                               num_workers=1))
     assert inputs.shape[0] == 4 and len(images) == 4 and state["position"] == 4
 
 
@@ -117,7 +118,8 @@ def train_on(tokenizer, records, steps=80):
     the projector-output norm as training does before an eval."""
     model = reading_vlm(tokenizer).train()
     pad = tokenizer.encode_special("<|assistant_end|>")
-    inputs, targets, images, _ = collate([render_record(r, tokenizer, "resize:128", 128) for r in records], pad, "cpu")
+    inputs, targets, images, _, _ = collate([render_record(r, tokenizer, "resize:128", 128) for r in records], pad,
+                                            "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
         model(inputs, images=images, targets=targets).backward()
