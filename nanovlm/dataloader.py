@@ -8,8 +8,8 @@ on the answer tokens whatever the image's length. A record may instead hold {id,
 assistant turns (a K-shot record: K example image -> answer turns, then the asked image), each user turn with
 zero or more `<image>`, `images` the paths in marker order. Every assistant turn is learned; the batch's spans
 tensor says which: STUDENT (1) for a sample's last turn (the asked answer), TEACHER (2) for those before it (a
-single-turn record has no teacher span, and renders as it always did). Optional
-text-only conversations (JSONL) are mixed in at text_ratio.
+single-turn record has no teacher span, and renders as it always did). Optional text-only conversations (JSONL)
+are mixed in at text_ratio.
 
 `--data=synth:KIND[,KIND...]:N[:SEED[:SHOTS]]` needs no files: record i is drawn by nanovlm.synth when the loader
 reaches it (kinds taken in turn, split "train"), so a long run sees N different images, never one twice per
@@ -465,5 +465,6 @@ def eval_batches(records, tokenizer, batch_size, max_tokens, image_mode, device=
 
 
 def eval_batch(samples, pad_id, device):
+    """One record per row: no doc_ids to pass on."""
     inputs, targets, images, _, spans = collate(samples, pad_id, device)
     return inputs, targets, images, spans

@@ -16,6 +16,7 @@ import time
 
 from configurator import configure
 from nanovlm.common import get_base_dir
+from nanovlm.dataloader import record_turns
 from nanovlm.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
 vocab_size = 4096  # total, special tokens included; nanochat uses 65536 for a d20
@@ -32,8 +33,8 @@ def dataset_texts(path):
     with open(path) as f:
         records = json.load(f)
     for record in records:
-        yield record["prompt"].replace(IMAGE_PLACEHOLDER, "")
-        yield record["answer"]
+        for message in record_turns(record)[0]:  # a conversation record's every turn
+            yield message["content"].replace(IMAGE_PLACEHOLDER, "")
 
 
 def conversation_texts(path):
