@@ -244,3 +244,8 @@ def test_a_k_shot_run_logs_teacher_and_student_losses(tokenizer, tmp_path):
     steps = re.findall(r"step \d+/00002 .*?\| loss [\d.]+ \| teacher ([\d.]+) student ([\d.]+) \|", out)
     assert len(steps) == 2, out
     assert re.search(r"Step 00002 \| val loss [\d.]+ \| teacher [\d.]+ student [\d.]+", out), out
+    out = run_script(tmp_path, "scripts.vision_sample", f"--data={data}", "--model_tag=shots", "--max_new_tokens=4",
+                     f"--json={tmp_path / 'eval.json'}")
+    samples = json.loads((tmp_path / "eval.json").read_text())["samples"]
+    assert [s["reference"] for s in samples] == ["asked one", "asked two", "asked three", "asked four"]
+    assert all(s["prompt"] == PROMPT and s["loss"] is not None for s in samples)
