@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from nanovlm.common import atomic_write
 from nanovlm.deepencoder import DeepEncoderConfig
+from nanovlm.detection import DetHeadConfig
 from nanovlm.gpt import GPTConfig
 from nanovlm.image_process import resolve_mode
 from nanovlm.lora import load_adapter, prepare_adapters, save_adapter
@@ -157,6 +158,11 @@ def configs_from_meta(meta, source):
     return GPTConfig(**meta["model_config"]), DeepEncoderConfig(**encoder_config), meta["image_token_id"]
 
 
+def det_config_of(meta):
+    """The detection head's config of a checkpoint meta; None for a model without a head (every older one)."""
+    return DetHeadConfig(**meta["det_head_config"]) if meta.get("det_head_config") else None
+
+
 def image_mode_of(meta, flag=""):
     """The image mode to read with: the flag when one is given, else the one the checkpoint trained in; resolved
     (a bad name is a ValueError)."""
@@ -178,7 +184,8 @@ def load_vlm(checkpoint_dir, step=None, device="cpu", training=False):
         prepare_adapters(model, adapter["config"], training=training)
         load_adapter(model, adapter_path(checkpoint_dir, step))
         return model.eval(), tokenizer, meta
-    model = build_vlm(*configs_from_meta(meta, meta_path(checkpoint_dir, step)), device=device, init=False)
+    model = build_vlm(*configs_from_meta(meta, meta_path(checkpoint_dir, step)), device=device, init=False,
+                      det_config=det_config_of(meta))
     check_state_dict(expected_shapes(model), model_state, model_path(checkpoint_dir, step))
     if torch.device(device).type == "cuda":
         model.load_state_dict(model_state, strict=True, assign=True)  # keeps a CUDA run's bf16 wte as it was

@@ -15,6 +15,7 @@ import torch
 
 from nanovlm.dataloader import (asked, collate, conversation_prompt_ids, image_to, load_record_images, prompt_ids,
                                 record_turns, render_record)
+from nanovlm.detection import boxes_from_predictions
 from nanovlm.engine import Engine, room_to_generate
 from nanovlm.image_process import preprocess
 from nanovlm.metrics import cer, detection_rate, mean_iou, ned, parse_boxes, word_precision
@@ -38,6 +39,16 @@ def score(pred, ref):
         result["det_rate"] = detection_rate(pred_boxes, ref_boxes)
         result["iou"] = mean_iou(pred_boxes, ref_boxes)
     return result
+
+
+def head_score(boxes, ref):
+    """The detection head's boxes against the reference's, as score() measures an answer's: its detection rate
+    and mean IoU (with the boxes themselves); nothing to score for a reference without boxes."""
+    ref_boxes = parse_boxes(ref)
+    if not ref_boxes:
+        return {"head_boxes": boxes}
+    return {"head_boxes": boxes, "head_det_rate": detection_rate(boxes, ref_boxes),
+            "head_iou": mean_iou(boxes, ref_boxes)}
 
 
 def image_runs(row, image_token_id):
@@ -160,6 +171,23 @@ def record_losses(model, rendered, features, pad_id, device):
     return losses
 
 
+def head_boxes(model, prompts, features, pad_id):
+    """
+    The detection head's boxes (0-999 [x1, y1, x2, y2] in reading order, detection.boxes_from_predictions) for
+    the last image of each prompt (ids ending at <|assistant_start|>; features: each prompt's images' sequences,
+    encode_images'). The GPT reads the prompts once more for the hidden states the head takes with them.
+    """
+    device = model.get_device()
+    idx = torch.full((len(prompts), max(map(len, prompts))), pad_id, dtype=torch.long, device=device)
+    doc_ids = torch.zeros_like(idx)  # 1 on each prompt's tokens, 0 on its right padding
+    for row, ids in enumerate(prompts):
+        idx[row, :len(ids)] = torch.tensor(ids, device=device)
+        doc_ids[row, :len(ids)] = 1
+    out = model.detect(idx, [f for row in features for f in row], doc_ids)
+    ends = itertools.accumulate(map(len, features))  # one past each prompt's last image
+    return [boxes_from_predictions(out["boxes"][end - 1], out["logits"][end - 1]) for end in ends]
+
+
 def ctc_read(model, images):
     """What SAM's CTC read-out (a training-only head of the lines models) reads in each image's global view: how
     much of the text the encoder sees, whatever the GPT makes of it. None for models without the read-out."""
@@ -223,10 +251,13 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
                                                   [f for r in fits for f in features[r]], pad_id, device)))
             ctc_texts = ctc_read(model, [row[-1] for row in images])  # the asked image
             prompts = [prompt for _, _, prompt, _ in group]
-            answers = []
+            answers, boxes = [], []
             for start in range(0, len(group), batch_size):
                 answers += engine.generate_many(prompts[start:start + batch_size], max_tokens=wanted,
                                                 features=[f for row in features[start:start + batch_size] for f in row])
+                if model.det_head is not None:
+                    boxes += head_boxes(model, prompts[start:start + batch_size], features[start:start + batch_size],
+                                        pad_id)
         for row, ((index, record, _, (ids, _, _)), answer, ctc_text) in enumerate(zip(group, answers, ctc_texts)):
             if row not in losses:
                 print(f"record {record['id']}: no loss: {len(ids) - 1} tokens with its reference, more than the "
@@ -238,6 +269,8 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
                                   swapped_loss=swapped_loss, **score(pred, reference))
             if ctc_text is not None:
                 samples[index].update(ctc_prediction=ctc_text, ctc_cer=cer(ctc_text, reference))
+            if boxes:
+                samples[index].update(head_score(boxes[row], reference))
         group.clear()
 
     for index, record in enumerate(records):
@@ -261,8 +294,8 @@ def evaluate_records(model, tokenizer, records, image_mode, max_new_tokens=-1, a
 
 
 def summarize(samples):
-    """The summary of a list of scored samples (means over samples; box measures over samples with boxes;
-    image_gap over samples with both losses)."""
+    """The summary of a list of scored samples (means over samples; box measures, the answers' and the detection
+    head's, over samples with boxes; image_gap over samples with both losses)."""
     n = len(samples)
     def mean(key, rows):
         values = [s[key] for s in rows if s.get(key) is not None]
@@ -274,4 +307,5 @@ def summarize(samples):
             "ned": mean("ned", samples), "word_precision": mean("word_precision", samples),
             "loss": mean("loss", samples), "image_gap": sum(gaps) / len(gaps) if gaps else None,
             "det_rate": mean("det_rate", boxed), "iou": mean("iou", boxed), "ctc_cer": mean("ctc_cer", samples),
+            "head_det_rate": mean("head_det_rate", samples), "head_iou": mean("head_iou", samples),
             "samples": samples}

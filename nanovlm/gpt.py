@@ -320,7 +320,8 @@ class GPT(nn.Module):
         self.lm_head.out_features = new_vocab_size
         self.config.vocab_size = new_vocab_size
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", embeds=None, doc_ids=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", embeds=None, doc_ids=None,
+                return_hidden=False):
         """
         idx: (B, T) token ids, or None when embeds (B, T, n_embd) are given (image features already spliced in).
         Returns fp32 softcapped logits (B, T, vocab_size), or the loss when targets (B, T) are given
@@ -329,6 +330,7 @@ class GPT(nn.Module):
         doc_ids (B, T), for rows packed with several samples (training, no kv_cache): the sample of each token, a
         new id at every sample start. No token then attends across samples and positions restart at each one.
         None: one sample per row, plain causal attention.
+        return_hidden: (that result, the last normed hidden states (B, T, n_embd)), which the detection head reads.
         """
         x = self.transformer.wte(idx) if embeds is None else embeds
         B, T = x.shape[:2]
@@ -357,7 +359,11 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos_sin, kv_cache, attn_mask)
         x = norm(x)
+        result = self.loss_or_logits(x, targets, loss_reduction)
+        return (result, x) if return_hidden else result
 
+    def loss_or_logits(self, x, targets, loss_reduction):
+        """forward's result from the last normed hidden states x."""
         if targets is not None and loss_reduction in ("mean", "supervised"):
             # the mean ignores -1 targets anyway, so only the supervised rows need the (big) lm_head matmul:
             # in a VLM batch most positions are image or prompt tokens

@@ -30,16 +30,16 @@ PLOTS = {"loss": "report_loss.png", "image_gap": "report_image_gap.png", "cer": 
 # Parameters by area (also what scripts/trainables.py prints)
 
 AREAS = ["SAM", "compressor", "CLIP", "projector", "GPT attention", "GPT MLP", "embeddings", "lm_head", "norms",
-         "LoRA"]
+         "LoRA", "detection head"]
 COMPONENT_AREAS = {"sam": "SAM", "compressor": "compressor", "clip": "CLIP", "projector": "projector",
-                   "embeddings": "embeddings", "lm_head": "lm_head", "lora": "LoRA"}
+                   "embeddings": "embeddings", "lm_head": "lm_head", "lora": "LoRA", "det_head": "detection head"}
 
 
 def area_of(name, module):
     """The area a parameter belongs to: its component (vlm.component_of), with norms and the GPT's attention and
-    MLP told apart."""
+    MLP told apart (the detection head is one area, norms and all)."""
     component = component_of(name)
-    if component != "lora" and isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+    if component not in ("lora", "det_head") and isinstance(module, (nn.LayerNorm, LayerNorm2d)):
         return "norms"
     if component == "gpt_matrices":
         return "GPT attention" if ".attn." in name else "GPT MLP"
@@ -175,6 +175,8 @@ def eval_row(e):
     cells.append(f"{e['image_gap']:.4f}" if "image_gap" in e else "-")
     cells.append(f"{e['feature_spread']:.3f}" if "feature_spread" in e else "-")
     cells += [f"{e['exact']}/{e['n_scored']}", f"{e['cer']:.4f}"] if "exact" in e else ["-", "-"]
+    if "det_rate" in e:  # a model with a detection head: its boxes' detection rate and IoU
+        cells += [f"{e['det_rate']:.4f}", f"{e['det_iou']:.4f}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -234,8 +236,10 @@ def write_report(run):
              "## Parameters", "", *parameter_lines(run.model), "",
              "## Last eval", ""]
     if history["evals"]:
-        lines += ["| step | val loss | image gap | feature spread | exact | CER |", "|---|---|---|---|---|---|",
-                  eval_row(history["evals"][-1])]
+        header, rule = "| step | val loss | image gap | feature spread | exact | CER |", "|---|---|---|---|---|---|"
+        if "det_rate" in history["evals"][-1]:
+            header, rule = header + " det rate | det IoU |", rule + "---|---|"
+        lines += [header, rule, eval_row(history["evals"][-1])]
     else:
         lines.append("None yet.")
     lines += ["", "## Curves", ""] + ([f"![{name.replace('_', ' ')}]({path})" for name, path in plots.items()]

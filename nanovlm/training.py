@@ -25,15 +25,19 @@ from nanovlm.checkpoint import (find_last_step, image_mode_of, load_checkpoint, 
 from nanovlm.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_wandb, print0
 from nanovlm.dataloader import (eval_batches, load_conversations, load_records, longest_record, prompt_counts,
                                 vision_batches)
-from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, span_sums, summarize,
-                              validation_sums)
+from nanovlm.detection import DetHead, DetHeadConfig, targets_from_answer
+from nanovlm.evaluate import (FEATURE_SPREAD_WARN, IMAGE_GAP_WARN, evaluate_records, image_runs, span_sums,
+                              summarize, validation_sums)
 from nanovlm.image_process import resolve_mode
 from nanovlm.importers import load_deepseek_ocr_into, load_hf_clip, load_hf_sam, load_nanochat
 from nanovlm.lora import ADAPTER_KEYS, prepare_adapters
 from nanovlm.report import new_history, record_eval, record_step, resume_history, write_report
 from nanovlm.tokenizer import get_tokenizer, load_nanochat_tokenizer
-from nanovlm.vlm import COMPONENTS, build_vlm, component_of, freeze, model_meta, preset_configs, \
+from nanovlm.vlm import COMPONENTS, build_vlm, component_of, freeze, image_contexts, model_meta, preset_configs, \
     weight_elements_by_stage
+
+
+DET_LOSSES = ("det_l1", "det_giou", "det_obj", "det_total")  # detection.detection_losses, as the log names them
 
 
 class RunError(Exception):
@@ -185,6 +189,33 @@ def setup_model(cfg, checkpoint_dir, device, master):
     return ModelSetup(model, tokenizer, image_mode, None, adapter)
 
 
+def setup_det_head(model, cfg, resumed):
+    """
+    The detection head as --det_head says: a fresh one (the det_* shape variables) on a model without one, the
+    model's own (its weights and shape) on a --start_from model with one, none when --det_head=False (a head of
+    the starting model is left out, said in one line); a resumed run must keep what it had. The loss weights
+    (also the matching cost's) are always the flags'.
+    """
+    wanted, has = cfg.get("det_head", False), model.det_head is not None
+    if resumed and wanted != has:
+        raise RunError(f"--det_head={wanted}, but the run to resume {'has' if has else 'has no'} detection head")
+    if not wanted:
+        if has:
+            print0("the starting model's detection head is left out (--det_head=False)")
+            model.det_head = None
+        return
+    if cfg["quant"] or cfg["lora_r"] > 0:
+        raise RunError("--det_head trains a full head, but an adapter run (--quant, --lora_r) saves its adapters alone")
+    if not has:
+        width = model.gpt.config.n_embd
+        model.det_head = DetHead(DetHeadConfig(n_queries=cfg["det_queries"], n_layers=cfg["det_layers"],
+                                               n_heads=cfg["det_heads"], dim=cfg["det_dim"], vision_dim=width,
+                                               text_dim=width)).to(model.get_device())
+    model.det_head.config.l1_weight = cfg["det_l1_weight"]
+    model.det_head.config.giou_weight = cfg["det_giou_weight"]
+    model.det_head.config.obj_weight = cfg["det_obj_weight"]
+
+
 # -----------------------------------------------------------------------------
 # Pieces of a step and an eval
 
@@ -227,6 +258,29 @@ def ctc_targets_of(inputs, targets, tokenizer, image_token_id):
                 ids = [t for t in row_targets[a:b] if t != -1 and t not in specials]
                 texts += [torch.tensor(list(tokenizer.decode(ids).encode("utf-8")), dtype=torch.long)] * runs
     return texts
+
+
+def det_targets_of(inputs, targets, tokenizer, image_token_id):
+    """The detection head's targets for each image of the batch, in the batch's image order: the boxes of the
+    answer of the turn that shows it (detection.targets_from_answer: a grounding answer's <|det|> boxes). An answer
+    without boxes gives none: its image teaches the head where nothing is. Turns as in ctc_targets_of."""
+    turn_starts = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|user_start|>")}
+    found = []
+    for row_inputs, row_targets in zip(inputs.tolist(), targets.tolist()):
+        starts = [i for i, t in enumerate(row_inputs) if t in turn_starts] + [len(row_inputs)]
+        for a, b in zip(starts, starts[1:]):
+            runs = sum(row_inputs[i] == image_token_id != row_inputs[i - 1] for i in range(a, b))
+            if runs:
+                found += [targets_from_answer(tokenizer.decode([t for t in row_targets[a:b] if t != -1]))] * runs
+    return found
+
+
+def det_positions(model, inputs, targets, doc_ids):
+    """(images, their <|image|> tokens, GPT states the head reads with them) of a batch: the detection head's
+    share of training_flops."""
+    lengths = [n for row in inputs for n in image_runs(row, model.image_token_id)]
+    contexts = image_contexts(inputs, lengths, model.image_token_id, targets, doc_ids)
+    return len(lengths), sum(lengths), sum(end - start for _, start, end in contexts)
 
 
 def lm_objective(losses, spans, teacher_weight):
@@ -338,6 +392,7 @@ def setup(cfg):
     ddp, rank, local_rank, world_size, device = compute_init(cfg["device_type"], seed=cfg["seed"])
     checkpoint_dir = os.path.join(get_base_dir(), cfg["model_tag"])
     model, tokenizer, image_mode, resume_step, adapter = setup_model(cfg, checkpoint_dir, device, rank == 0)
+    setup_det_head(model, cfg, resume_step is not None)
     freeze(model, freeze_sam=cfg["freeze_sam"], freeze_compressor=cfg["freeze_compressor"])
     if world_size > 1:
         torch.manual_seed(cfg["seed"] + rank)  # same weights everywhere (built above), but each rank its own dropout
@@ -416,10 +471,11 @@ def train_step(run, loader, batch):
     """
     cfg, model = run.cfg, run.model
     use_ctc = model.encoder.config.ctc_rows > 0 and cfg["ctc_weight"] > 0
+    use_det = model.det_head is not None
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    tokens, padding, flops, loss_sum, ctc_sum, span_sum = 0, 0, 0, 0.0, 0.0, 0.0
+    tokens, padding, flops, loss_sum, ctc_sum, span_sum, det_sum = 0, 0, 0, 0.0, 0.0, 0.0, 0.0
     for micro in range(run.grad_accum):
         inputs, targets, images, doc_ids, spans, run.loader_state = batch
         padding += (doc_ids == 0).sum()  # row padding: in tok/sec, but no sample's
@@ -427,25 +483,32 @@ def train_step(run, loader, batch):
         packed = doc_ids if cfg["pack"] and inputs.size(0) < run.device_batch_size else None
         sync = not run.ddp or micro == run.grad_accum - 1  # DDP all-reduces only on the last micro-batch
         with (run.train_model.no_sync() if not sync else contextlib.nullcontext()), run.autocast:
+            det_targets = det_targets_of(inputs, targets, run.tokenizer, model.image_token_id) if use_det else None
             # per-token losses of the supervised tokens: the objective weighs the teacher spans (lm_objective)
             if use_ctc:
                 ctc_targets = ctc_targets_of(inputs, targets, run.tokenizer, model.image_token_id)
-                losses, ctc = run.train_model(inputs, images=images, targets=targets, ctc_targets=ctc_targets,
-                                              doc_ids=packed, loss_reduction="supervised")
+                losses, ctc, *det = run.train_model(inputs, images=images, targets=targets, ctc_targets=ctc_targets,
+                                                    doc_ids=packed, loss_reduction="supervised",
+                                                    det_targets=det_targets)
                 ctc_sum += ctc.detach()
                 loss, sums = lm_objective(losses, spans[targets != -1], cfg["teacher_weight"])
                 total = loss + cfg["ctc_weight"] * ctc
             else:
-                losses = run.train_model(inputs, images=images, targets=targets, doc_ids=packed,
-                                         loss_reduction="supervised")
+                out = run.train_model(inputs, images=images, targets=targets, doc_ids=packed,
+                                      loss_reduction="supervised", det_targets=det_targets)
+                losses, *det = out if use_det else (out,)
                 loss, sums = lm_objective(losses, spans[targets != -1], cfg["teacher_weight"])
                 total = loss
+            if use_det:  # each of the head's losses for the log line; its weighted sum joins the total
+                det_sum += torch.stack([det[0][k].detach() for k in DET_LOSSES])
+                total = total + cfg["det_weight"] * det[0]["det_total"]
         (total / run.grad_accum).backward()
         loss_sum += loss.detach()
         span_sum += sums
         tokens += inputs.numel()
         if run.flop_stages:
-            flops += model.training_flops(*inputs.shape, views_of(images), (targets != -1).sum(), run.flop_stages)
+            flops += model.training_flops(*inputs.shape, views_of(images), (targets != -1).sum(), run.flop_stages,
+                                          det_positions(model, inputs, targets, packed) if use_det else None)
         batch = next(loader)
     train_loss = loss_sum / run.grad_accum
     if run.ddp:
@@ -470,10 +533,11 @@ def train_step(run, loader, batch):
         torch.cuda.synchronize()
     dt = time.time() - t0
     ctc_loss = float(ctc_sum) / run.grad_accum if use_ctc else None  # this rank's, for the log line only
+    det = dict(zip(DET_LOSSES, (det_sum / run.grad_accum).tolist())) if use_det else None  # this rank's too
     teacher_sum, n_teacher, student_sum, n_student = span_sum.tolist()
     teacher, student = (teacher_sum / n_teacher, student_sum / n_student) if n_teacher else (None, None)
     return batch, dict(loss=train_loss.item(), ctc=ctc_loss, lrm=lrm, dt=dt, tokens=tokens * run.world_size,
-                       flops=float(flops), pad=float(padding) / tokens, teacher=teacher, student=student)
+                       flops=float(flops), pad=float(padding) / tokens, teacher=teacher, student=student, det=det)
 
 
 def log_step(run, stats):
@@ -487,20 +551,23 @@ def log_step(run, stats):
     # this rank's share of its GPU
     mfu = f"{100 * stats['flops'] / stats['dt'] / run.peak_flops:.2f}" if run.peak_flops else "-"
     ctc_part = f" | ctc {stats['ctc']:.4f}" if stats["ctc"] is not None else ""
+    det = stats["det"]  # the detection head's losses, each before its weight
+    det_part = f" | det l1 {det['det_l1']:.4f} giou {det['det_giou']:.4f} obj {det['det_obj']:.4f}" if det else ""
     # each span's own mean, in steps whose data has example turns (K-shot conversations) to tell apart
     span_part = f" | teacher {stats['teacher']:.4f} student {stats['student']:.4f}" if stats["teacher"] is not None \
         else ""
     n = run.cfg["num_iterations"]
     # pad: the share of this rank's tokens in the step that are row padding (tok/sec counts them, as it runs them)
-    print0(f"step {run.step:05d}/{n:05d} ({100 * run.step / n:.2f}%) | loss {debiased:.6f}{ctc_part}{span_part} | "
-           f"lrm {stats['lrm']:.2f} | dt {stats['dt'] * 1000:.1f}ms | tok/sec {tok_per_sec:,} | pad "
+    print0(f"step {run.step:05d}/{n:05d} ({100 * run.step / n:.2f}%) | loss {debiased:.6f}{ctc_part}{span_part}"
+           f"{det_part} | lrm {stats['lrm']:.2f} | dt {stats['dt'] * 1000:.1f}ms | tok/sec {tok_per_sec:,} | pad "
            f"{100 * stats['pad']:.1f}% | mfu {mfu} | total time {run.total_time / 60:.2f}m")
     record_step(run.history, run.step, stats, debiased)
     if run.step % 10 == 0:
         spans = {"train/teacher_loss": stats["teacher"], "train/student_loss": stats["student"]} \
             if stats["teacher"] is not None else {}
+        det_logs = {f"train/{k}": v for k, v in det.items()} if det else {}
         run.logger.log({"step": run.step, "train/loss": debiased, "train/lrm": stats["lrm"], "train/dt": stats["dt"],
-                        "train/tok_per_sec": tok_per_sec, **spans})
+                        "train/tok_per_sec": tok_per_sec, **spans, **det_logs})
 
 
 def evaluate(run):
@@ -526,6 +593,8 @@ def evaluate(run):
         summary = summarize(evaluate_records(model, run.tokenizer, run.val_records[:cfg["eval_samples"]],
                                              run.image_mode, cfg["max_new_tokens"], run.autocast))
         metrics.update({"val/exact": summary["exact"], "val/cer": summary["cer"]})
+        if summary["head_det_rate"] is not None:  # the detection head's boxes, on the samples with boxes
+            metrics.update({"val/det_rate": summary["head_det_rate"], "val/det_iou": summary["head_iou"]})
         run.samples = summary["samples"]
         first = summary["samples"][0]
         print0(f"sample {first['id']}: {first['prediction'][:120]!r}")
@@ -539,6 +608,8 @@ def evaluate(run):
     if "val/exact" in metrics:
         n_scored = min(cfg["eval_samples"], len(run.val_records))
         line += f" | exact {metrics['val/exact']}/{n_scored} | cer {metrics['val/cer']:.4f}"
+    if "val/det_rate" in metrics:
+        line += f" | det rate {metrics['val/det_rate']:.4f} iou {metrics['val/det_iou']:.4f}"
     if metrics.get("val/image_gap", 1.0) < IMAGE_GAP_WARN:
         line += " | WARNING: the answers barely depend on the image (swapping images leaves the loss as it is)"
     if metrics.get("val/feature_spread", 1.0) < FEATURE_SPREAD_WARN:

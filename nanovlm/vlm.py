@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovlm.deepencoder import DeepEncoder, DeepEncoderConfig
+from nanovlm.detection import DetHead, detection_losses, pad_tokens
 from nanovlm.gpt import GPT, GPTConfig
 from nanovlm.image_process import global_shape, resolve_mode
 from nanovlm.nf4 import param_elements
@@ -46,6 +47,7 @@ COMPONENTS = [
     ("embeddings", r"gpt\.transformer\.wte\.weight"),
     ("lm_head", r"gpt\.lm_head\.weight"),
     ("lora", r".*\.lora_[AB]\.weight"),
+    ("det_head", NOT_LORA + r"det_head\..*"),
 ]
 
 
@@ -114,14 +116,40 @@ def ctc_greedy(log_probs):
     return texts
 
 
+def image_contexts(idx, lengths, image_token_id, targets=None, doc_ids=None):
+    """
+    The GPT hidden states the detection head reads beside each image of a batch: (row, start, end) columns, its
+    sample's tokens from the first up to the last before the answer to the image (the first position at or after
+    the image's <|image|> run whose target is supervised: <|assistant_start|>, which has read the whole prompt).
+    Later states have read the answer, boxes and all, which a prompt at inference does not show; targets None (a
+    prompt) gives the whole sample. lengths: each image's number of <|image|> positions, in the batch's image
+    order; doc_ids: GPT.forward's (a sample's columns), None for one sample per row.
+    """
+    positions = (idx == image_token_id).nonzero().tolist()  # row-major: the batch's image order
+    contexts, first = [], 0
+    for length in lengths:
+        row, col = positions[first]
+        first += length
+        start, end = 0, idx.size(1)
+        if doc_ids is not None:
+            same = (doc_ids[row] == doc_ids[row, col]).nonzero().flatten().tolist()
+            start, end = same[0], same[-1] + 1
+        if targets is not None:
+            answer = (targets[row, col:end] != -1).nonzero().flatten().tolist()
+            end = col + answer[0] + 1 if answer else end
+        contexts.append((row, start, end))
+    return contexts
+
+
 class VLM(nn.Module):
-    def __init__(self, gpt, encoder, image_token_id):
+    def __init__(self, gpt, encoder, image_token_id, det_head=None):
         super().__init__()
         assert encoder.config.out_dim == gpt.config.n_embd, \
             f"encoder out_dim {encoder.config.out_dim} != GPT n_embd {gpt.config.n_embd}"
         self.gpt = gpt
         self.encoder = encoder
         self.image_token_id = image_token_id
+        self.det_head = det_head  # a detection.DetHead, or None (most models)
 
     @property
     def config(self):
@@ -161,19 +189,64 @@ class VLM(nn.Module):
         return (x, readouts) if return_readouts else x
 
     def forward(self, idx, images=None, targets=None, kv_cache=None, loss_reduction="mean", ctc_targets=None,
-                features=None, doc_ids=None):
+                features=None, doc_ids=None, det_targets=None):
         """
         Logits (B, T, vocab) or the loss, as GPT.forward, for token ids with images spliced in (or their encoded
         features, see embed); doc_ids for rows packed with several samples (GPT.forward).
         ctc_targets (training with a CTC read-out): one byte tensor per image, the text it shows; then the result
         is (language-model loss, CTC loss), from one pass of the encoder.
+        det_targets (training with a detection head): one (T_i, 4) cx, cy, w, h tensor per image (detection's
+        targets, empty for an image without boxes); then the result also ends with the head's losses dict
+        (detection.detection_losses), from the same one pass of the encoder and the GPT.
         """
+        if det_targets is not None:
+            return self.forward_detection(idx, images, targets, loss_reduction, ctc_targets, features, doc_ids,
+                                          det_targets)
         if ctc_targets is None:
             return self.gpt(None, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction,
                             embeds=self.embed(idx, images, features=features), doc_ids=doc_ids)
         embeds, readouts = self.embed(idx, images, return_readouts=True)
         lm_loss = self.gpt(None, targets=targets, embeds=embeds, doc_ids=doc_ids, loss_reduction=loss_reduction)
         return lm_loss, self.ctc_loss(readouts, ctc_targets)
+
+    def forward_detection(self, idx, images, targets, loss_reduction, ctc_targets, features, doc_ids, det_targets):
+        """forward with det_targets: (LM loss[, CTC loss], detection losses). The head reads each image's own
+        encoder tokens, as the GPT gets them, and the GPT's last hidden states of its sample before its answer."""
+        if images:
+            sequences, readouts = self.encoder.encode_images(images, return_readouts=True)
+        else:
+            sequences, readouts = list(features or []), []
+        if len(det_targets) != len(sequences):
+            raise ValueError(f"detection targets for {len(det_targets)} image(s), but the batch holds "
+                             f"{len(sequences)}")
+        lm_loss, hidden = self.gpt(None, targets=targets, embeds=self.embed(idx, features=sequences), doc_ids=doc_ids,
+                                   loss_reduction=loss_reduction, return_hidden=True)
+        if sequences:
+            out = self.detect_from(idx, sequences, hidden, targets, doc_ids)
+            det = detection_losses(out, det_targets, self.det_head.config)
+        else:  # text alone: nothing to detect (DDP is told to expect unused parameters when text is mixed in)
+            zero = torch.zeros((), device=hidden.device)
+            det = dict(det_l1=zero, det_giou=zero, det_obj=zero, det_total=zero)
+        if ctc_targets is None:
+            return lm_loss, det
+        return lm_loss, self.ctc_loss(readouts, ctc_targets), det
+
+    def detect_from(self, idx, sequences, hidden, targets=None, doc_ids=None):
+        """The detection head's outputs (DetHead.forward: boxes (N, Q, 4), logits (N, Q)) for the N images of a
+        batch: each image's encoder sequence (encode_images) and the GPT's last hidden states of its context
+        (image_contexts)."""
+        contexts = image_contexts(idx, [len(s) for s in sequences], self.image_token_id, targets, doc_ids)
+        vision, vision_mask = pad_tokens(sequences)
+        text, text_mask = pad_tokens([hidden[row, start:end] for row, start, end in contexts])
+        return self.det_head(vision, vision_mask, text, text_mask)
+
+    @torch.no_grad()
+    def detect(self, idx, features, doc_ids=None):
+        """The detection head's outputs for prompts (B, T), each ending where the answer would start, given their
+        images' encoded sequences (encode_images, in the batch's image order); doc_ids marks each row's own tokens
+        (1) from its right padding (0), or None for rows without padding."""
+        _, hidden = self.gpt(None, embeds=self.embed(idx, features=features), doc_ids=doc_ids, return_hidden=True)
+        return self.detect_from(idx, features, hidden, doc_ids=doc_ids)
 
     def ctc_loss(self, readouts, ctc_targets):
         """
@@ -195,11 +268,12 @@ class VLM(nn.Module):
             loss = loss + ctc_loss(log_probs, ctc_targets)
         return loss
 
-    def training_flops(self, rows, seq_len, views, scored_tokens, stages=None):
+    def training_flops(self, rows, seq_len, views, scored_tokens, stages=None, det=None):
         """
         FLOPs of one training micro-batch: `rows` sequences of seq_len tokens (the padded length that runs),
         lm_head applied at scored_tokens positions (our loss runs it on supervised tokens only), and the image
-        views the encoder ran on, as (height, width): each global view and each tile at its own size.
+        views the encoder ran on, as (height, width): each global view and each tile at its own size. det, with a
+        detection head: (images, their <|image|> tokens, GPT states they read with them (image_contexts)).
 
         A weight element costs 2 FLOPs per position it is applied at, forward; +2 for the gradient of its input
         when anything at or before its stage trains; +2 for its own gradient when it trains (6 = nanochat's 6N).
@@ -208,7 +282,7 @@ class VLM(nn.Module):
         attention scores, nanochat's 12 x layers x heads x head_dim x seq_len per token. Attention inside the
         encoder is left out. Packed rows (several samples each) count the same: their block-diagonal mask goes to
         SDPA as a dense (T, T) mask, which scores every pair of the row and discards the masked ones, so what runs
-        is the row's seq_len, not each sample's.
+        is the row's seq_len, not each sample's. The detection head last (its attention scores left out too).
         """
         stages = weight_elements_by_stage(self)
         positions = dict.fromkeys(stages, 0)
@@ -229,6 +303,13 @@ class VLM(nn.Module):
             if stage.startswith("gpt_h"):
                 positions[stage] = rows * seq_len
         positions["lm_head"] = scored_tokens
+        if det is not None:
+            # the memory's projections run at its tokens, the decoder at the queries; the cross-attention's
+            # in_proj is q (at the queries), k and v (at the memory) in one weight: 1/3 of it at each
+            images, image_tokens, text_tokens = det
+            queries, memory = images * self.det_head.config.n_queries, image_tokens + text_tokens
+            positions.update(det_vision=image_tokens, det_text=text_tokens, det_queries=queries,
+                             det_cross=(queries + 2 * memory) / 3)
         flops, upstream_trains = 0, False
         for stage, (trainable, frozen) in stages.items():
             upstream_trains = upstream_trains or trainable > 0
@@ -240,10 +321,13 @@ class VLM(nn.Module):
 
 
 # Parameters that are not weights applied at every position: lookups and added tables (the token embedding,
-# position tables, SAM's rel-pos tables, CLIP's class token) and CLIP's patch conv, which never runs here
+# position tables, SAM's rel-pos tables, CLIP's class token, the detection head's object queries) and CLIP's patch
+# conv, which never runs here
 NOT_MATMUL = r"gpt\.transformer\.wte\.weight|encoder\.sam\.pos_embed|.*\.rel_pos_[hw]|" \
-             r"encoder\.clip\.embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"
+             r"encoder\.clip\.embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)|" \
+             r"det_head\.queries"
 ENCODER_ORDER = ["sam", "sam_ctc", "net_2", "net_3", "clip", "projector", "token_ctc"]
+DET_ORDER = ["det_vision", "det_text", "det_cross", "det_queries"]  # after lm_head: it reads the GPT's last states
 
 
 def flop_stage(name):
@@ -263,6 +347,10 @@ def flop_stage(name):
     if component == "gpt_matrices":
         block = int(re.match(r"gpt\.transformer\.h\.(\d+)\.", name).group(1))
         return f"gpt_h{block:04d}"
+    if component == "det_head":  # by where it runs (training_flops): image tokens, GPT states, both, the queries
+        if ".vision_proj." in name or ".text_adapter." in name:
+            return "det_vision" if ".vision_proj." in name else "det_text"
+        return "det_cross" if ".cross_attn.in_proj_" in name else "det_queries"
     return component
 
 
@@ -279,12 +367,13 @@ def weight_elements_by_stage(model):
             trainable, frozen = counts.get(stage, (0, 0))
             counts[stage] = (trainable + elements, frozen) if p.requires_grad else (trainable, frozen + elements)
     order = sorted(s for s in counts if s.startswith("sam_stem")) + ENCODER_ORDER + \
-        sorted(s for s in counts if s.startswith("gpt_h")) + ["lm_head"]
+        sorted(s for s in counts if s.startswith("gpt_h")) + ["lm_head"] + DET_ORDER
     return {stage: counts[stage] for stage in order if stage in counts}
 
 
-def build_vlm(gpt_config, encoder_config, image_token_id, device="cpu", init=True):
-    """A fresh VLM on `device` (built on the meta device first, so no memory is spent on a throwaway init)."""
+def build_vlm(gpt_config, encoder_config, image_token_id, device="cpu", init=True, det_config=None):
+    """A fresh VLM on `device` (built on the meta device first, so no memory is spent on a throwaway init), with
+    a detection head when det_config (a DetHeadConfig) is given."""
     with torch.device("meta"):
         gpt = GPT(gpt_config)
         encoder = DeepEncoder(encoder_config)
@@ -295,10 +384,16 @@ def build_vlm(gpt_config, encoder_config, image_token_id, device="cpu", init=Tru
         encoder.init_weights()
     else:
         gpt.init_rotary()
+    if det_config is not None:
+        model.det_head = DetHead(det_config).to(device)  # small: initialised where it is built
     return model
 
 
 def model_meta(model):
-    """What a checkpoint needs to rebuild the model: both configs and the image token id."""
-    return {"model_config": asdict(model.gpt.config), "encoder_config": asdict(model.encoder.config),
+    """What a checkpoint needs to rebuild the model: both configs and the image token id, and the detection
+    head's config for a model with one."""
+    meta = {"model_config": asdict(model.gpt.config), "encoder_config": asdict(model.encoder.config),
             "image_token_id": model.image_token_id}
+    if model.det_head is not None:
+        meta["det_head_config"] = asdict(model.det_head.config)
+    return meta

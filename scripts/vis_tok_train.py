@@ -36,6 +36,16 @@ tokenizer_dir = ""  # empty = checkpoints/tokenizer
 grad_checkpointing = False
 freeze_sam = False
 freeze_compressor = False
+# detection head (nanovlm/detection.py, DETR's): object queries read each image's tokens and the GPT's states of its
+# prompt; trained on the boxes of grounding answers (<|det|>[[x1, y1, x2, y2]]<|/det|>), an answer without boxes
+# gives only empty queries. The loss is lm + ctc_weight * ctc + det_weight * (L1, GIoU and objectness, weighted)
+det_head = False
+det_queries = 100  # object queries: the most boxes one image can get (DETR's 100; a page window has up to 12 lines)
+det_layers = 3  # decoder layers (DETR: 6)
+det_heads = 8
+det_dim = 256
+det_l1_weight, det_giou_weight, det_obj_weight = 5.0, 2.0, 2.0  # DETR's L1 and GIoU, Deformable DETR's focal 2
+det_weight = 1.0
 # fine-tuning with a frozen (optionally 4-bit) base: only LoRA adapters train, checkpoints hold only them
 quant = ""  # "nf4" holds the quant_targets Linears in 4 bits (QLoRA)
 double_quant = False  # also quantize the 4-bit blocks' scales (0.5 -> 0.127 bits per parameter)
@@ -66,6 +76,7 @@ gpt_matrices_lr, gpt_matrices_wd = 3e-3, 0.0
 embeddings_lr, embeddings_wd = 3e-3, 0.0
 lm_head_lr, lm_head_wd = 3e-3, 0.0
 lora_lr, lora_wd = 1e-3, 0.0
+det_head_lr, det_head_wd = 1e-3, 1e-4  # the detection head's own group (weight decay: DETR's)
 beta1, beta2 = 0.9, 0.95
 grad_clip = 1.0
 warmup_ratio = 0.05
