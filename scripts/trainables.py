@@ -14,9 +14,10 @@ import os
 import torch
 
 from configurator import configure
-from nanovlm.checkpoint import configs_from_meta, find_last_step, meta_path, read_meta
+from nanovlm.checkpoint import configs_from_meta, det_config_of, find_last_step, meta_path, read_meta
 from nanovlm.common import get_base_dir
 from nanovlm.deepencoder import DeepEncoder
+from nanovlm.detection import DetHead
 from nanovlm.gpt import GPT
 from nanovlm.lora import ADAPTER_KEYS, find_targets, prepare_adapters
 from nanovlm.report import census
@@ -52,6 +53,7 @@ if model_tag or checkpoint_dir:
     try:
         meta = read_meta(meta_path(directory, find_last_step(directory)))
         gpt_config, encoder_config, image_token_id = configs_from_meta(meta, directory)
+        det_config = det_config_of(meta)  # a run with a detection head counts it too
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     source = directory
@@ -60,10 +62,11 @@ else:
         gpt_config, encoder_config, _ = preset_configs(model, vocab_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    image_token_id, source = 0, f"preset {model}"
+    image_token_id, source, det_config = 0, f"preset {model}", None
 
 with torch.device("meta"):
-    vlm = VLM(GPT(gpt_config), DeepEncoder(encoder_config), image_token_id)
+    vlm = VLM(GPT(gpt_config), DeepEncoder(encoder_config), image_token_id,
+              DetHead(det_config) if det_config else None)
 
 print(f"{source}: GPT d{gpt_config.n_layer} (n_embd {gpt_config.n_embd}), encoder SAM {encoder_config.sam_dim} / "
       f"CLIP {encoder_config.clip_dim}")
