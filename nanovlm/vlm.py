@@ -302,7 +302,7 @@ class VLM(nn.Module):
         for stage in positions:
             if stage.startswith("gpt_h"):
                 positions[stage] = rows * seq_len
-        positions["lm_head"] = scored_tokens
+        positions["lm_head"] = int(scored_tokens)  # a count (train_step passes a tensor): FLOPs stay a number
         if det is not None:
             # the memory's projections run at its tokens, the decoder at the queries; the cross-attention's
             # in_proj is q (at the queries), k and v (at the memory) in one weight: 1/3 of it at each

@@ -128,6 +128,9 @@ def test_the_head_has_its_own_group_and_flop_stages(tokenizer):
     base = model.training_flops(2, 20, [(128, 128)] * 2, 9)
     assert math.isclose(model.training_flops(2, 20, [(128, 128)] * 2, 9, det=(images, image_tokens, text_tokens)),
                         base + extra)
+    # train_step counts the scored tokens as a tensor: the sum stays a number beside the queries' thirds
+    assert math.isclose(model.training_flops(2, 20, [(128, 128)] * 2, torch.tensor(9),
+                                             det=(images, image_tokens, text_tokens)), base + extra)
 
 
 def test_a_det_head_run_logs_saves_reloads_and_scores_boxes(workspace, monkeypatch, capsys):  # noqa: F811
