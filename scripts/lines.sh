@@ -20,7 +20,7 @@ python -m scripts.make_data --n=200 --split=val --seed=777 --kinds=read_fonts --
 python -m scripts.make_data --n=200 --split=val --seed=777 --kinds=print --out_dir=data/print_val
 python -m scripts.tok_train --vocab_size=271 --out_dir="$base/tokenizer_bytes"   # 256 bytes + specials: no merges
 python -m scripts.vis_tok_train --model=lines --model_tag=lines --tokenizer_dir="$base/tokenizer_bytes" \
-    --data=synth:read:1000000:1 --val_data=data/synth_read_words/dataset.json --max_seq_len=120 \
+    --data=synth:read:1000000:1 --val_data=data/synth_read_words/dataset.json --max_seq_len=224 \
     --num_iterations=4500 --device_batch_size=16 --total_batch_size=16 \
     --sam_lr=2e-3 --compressor_lr=2e-3 --clip_lr=2e-3 --projector_lr=2e-3 \
     --eval_every=1500 --eval_samples=32 --loader_workers=1 "$@"
