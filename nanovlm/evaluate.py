@@ -171,9 +171,10 @@ def record_losses(model, rendered, features, pad_id, device):
     return losses
 
 
-def head_boxes(model, prompts, features, pad_id):
+def head_boxes(model, prompts, features, pad_id, threshold=0.5):
     """
-    The detection head's boxes (0-999 [x1, y1, x2, y2] in reading order, detection.boxes_from_predictions) for
+    The detection head's boxes (0-999 [x1, y1, x2, y2] in reading order, detection.boxes_from_predictions, those
+    whose objectness probability exceeds threshold) for
     the last image of each prompt (ids ending at <|assistant_start|>; features: each prompt's images' sequences,
     encode_images'). The GPT reads the prompts once more for the hidden states the head takes with them.
     """
@@ -185,7 +186,7 @@ def head_boxes(model, prompts, features, pad_id):
         doc_ids[row, :len(ids)] = 1
     out = model.detect(idx, [f for row in features for f in row], doc_ids)
     ends = itertools.accumulate(map(len, features))  # one past each prompt's last image
-    return [boxes_from_predictions(out["boxes"][end - 1], out["logits"][end - 1]) for end in ends]
+    return [boxes_from_predictions(out["boxes"][end - 1], out["logits"][end - 1], threshold) for end in ends]
 
 
 def ctc_read(model, images):
