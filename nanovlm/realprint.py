@@ -292,6 +292,13 @@ def crop_box(rng, box, lines, marks):
 # rendering
 
 
+def render_split(split, path, index, page, region, dpi):
+    """The region rasterised by the split's renderer (RASTERISERS): PDFium for training, poppler for validation."""
+    if RASTERISERS.get(split, "pdfium") == "poppler":
+        return render_region_poppler(path, index, page, region, dpi)
+    return render_region(page, region, dpi)
+
+
 def render_region(page, region, dpi):
     """Rasterise only the region (left, bottom, right, top in points) of the page: grayscale, as RGB; None when
     the region lies outside the visible page."""
@@ -376,10 +383,7 @@ def draw_print(rng, split, max_chars, dpi):
         page = open_document(path)[index]
         dpi = dpi or rng.randint(*DPI_RANGE)
         try:
-            if RASTERISERS.get(split, "pdfium") == "poppler":
-                image = render_region_poppler(path, index, page, region, dpi)
-            else:
-                image = render_region(page, region, dpi)
+            image = render_split(split, path, index, page, region, dpi)
         finally:
             page.close()
         if image is not None:
@@ -572,10 +576,7 @@ def draw_page_window(rng, split, widths, max_height, line_range, max_chars, line
             high = min(DPI_RANGE[1], widths[1] * 72 / width, max_height * 72 / height)
             low = min(max(DPI_RANGE[0], widths[0] * 72 / width), high)
             dpi = rng.randint(int(low), max(int(low), int(high)))
-            if RASTERISERS.get(split, "pdfium") == "poppler":
-                image = render_region_poppler(path, index, page, region, dpi)
-            else:
-                image = render_region(page, region, dpi)
+            image = render_split(split, path, index, page, region, dpi)
         finally:
             page.close()
         if image is None:

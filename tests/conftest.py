@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import pydoc_data.topics
 import pytest
@@ -64,3 +65,30 @@ def write_dataset(directory, answers, size=(160, 96), prompt="<image>\nOCR this 
     with open(path, "w") as f:
         json.dump(records, f)
     return path
+
+
+def write_pdf(path, content):
+    """A one-page letter-size PDF of the content stream (PDF operators), with 12 pt Courier as /F1."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               "/Resources << /Font << /F1 5 0 R >> >> >>",
+               f"<< /Length {len(content)} >>\nstream\n{content}endstream",
+               "<< /Type /Font /Subtype /Type1 /BaseFont /Courier >>"]
+    data, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(data))
+        data += f"{number} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(data)
+    data += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    data += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
+    data += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def made_up_words(count=400, seed=0):
+    """Sorted words of four consonant-vowel pairs: a stand-in word list no real word shows up in by chance."""
+    rng = random.Random(seed)
+    return sorted({"".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(4))
+                   for _ in range(count)})

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import made_up_words, write_pdf
 from nanovlm import realprint, synth, textlines
 from nanovlm.metrics import parse_boxes
 from nanovlm.synth import (ANSWER_LIMITS, PROMPT_GROUNDING_OCR, RENDERERS, SPLIT_KINDS, draw_page, make_sample,
@@ -23,9 +24,7 @@ GROUNDING_KINDS = {"grounding", "page", "page_print"}
 @pytest.fixture
 def word_list(tmp_path, monkeypatch):
     """400 made-up words in place of the system's word list: a training word never shows up by chance."""
-    rng = random.Random(0)
-    words = sorted({"".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(4))
-                    for _ in range(400)})
+    words = made_up_words()
     path = tmp_path / "words"
     path.write_text("\n".join(words) + "\n")
     monkeypatch.setattr(textlines, "LEXICON_FILES", [str(path)])
@@ -149,25 +148,6 @@ def test_page_records(word_list, tmp_path):
 
 # -----------------------------------------------------------------------------
 # real pages: a PDF written here
-
-
-def write_pdf(path, content):
-    """A one-page letter-size PDF of the content stream, with 12 pt Courier as /F1."""
-    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               "/Resources << /Font << /F1 5 0 R >> >> >>",
-               f"<< /Length {len(content)} >>\nstream\n{content}endstream",
-               "<< /Type /Font /Subtype /Type1 /BaseFont /Courier >>"]
-    data, offsets = b"%PDF-1.4\n", []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(data))
-        data += f"{number} 0 obj\n{body}\nendobj\n".encode()
-    xref = len(data)
-    data += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    data += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
-    data += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    path.write_bytes(data)
-    return str(path)
 
 
 # (x, y, text): a heading, a paragraph, two columns (the left one drawn first, as typesetters do), more text

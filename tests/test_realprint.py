@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from conftest import write_pdf as write_pdf_content
 from nanovlm import realprint
 from scripts.make_data import generate
 
@@ -24,22 +25,7 @@ def write_pdf(path, lines, rules=()):
     """A one-page letter-size PDF showing each (x, y, text) in 12 pt Courier, and each (x, y, w, h) rule."""
     content = "".join(f"BT /F1 12 Tf {x} {y} Td ({text}) Tj ET\n" for x, y, text in lines)
     content += "".join(f"{x} {y} {w} {h} re f\n" for x, y, w, h in rules)
-    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               "/Resources << /Font << /F1 5 0 R >> >> >>",
-               f"<< /Length {len(content)} >>\nstream\n{content}endstream",
-               "<< /Type /Font /Subtype /Type1 /BaseFont /Courier >>"]
-    data, offsets = b"%PDF-1.4\n", []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(data))
-        data += f"{number} 0 obj\n{body}\nendobj\n".encode()
-    xref = len(data)
-    data += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    data += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
-    data += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    with open(path, "wb") as f:
-        f.write(data)
-    return str(path)
+    return write_pdf_content(path, content)
 
 
 @pytest.fixture

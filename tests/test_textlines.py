@@ -6,6 +6,7 @@ import string
 import pytest
 from PIL import Image
 
+from conftest import made_up_words
 from nanovlm import textlines
 from nanovlm.textlines import (MAX_CHARS, font_faces, lexicon, lexicon_split, line_text, render_read,
                                render_read_fonts)
@@ -19,9 +20,7 @@ def clear_caches():
 @pytest.fixture
 def word_list(tmp_path, monkeypatch):
     """A word list of 400 made-up words (plus entries the lexicon must drop) in place of the system's."""
-    rng = random.Random(0)
-    words = sorted({"".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(4))
-                    for _ in range(400)})
+    words = made_up_words()
     path = tmp_path / "words"
     path.write_text("\n".join(words + ["café", "dog's", "x-ray"]) + "\n")
     monkeypatch.setattr(textlines, "LEXICON_FILES", [str(path)])
