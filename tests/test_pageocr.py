@@ -5,6 +5,7 @@ answers), and the commands: ocr.py's page reading (--json, --boxes_out) and visi
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -208,3 +209,20 @@ def test_vision_sample_scores_a_page_set(base, tmp_path, mode):
     assert summary["samples"][1]["reference"] == "" and "det_rate" not in summary["samples"][1]
     for s in summary["samples"]:
         assert lines_from_answer(s["prediction"], 200, 120) is not None
+
+
+def test_bench_pages_tables_ours_and_tesseract_and_records_the_better_path(base, tmp_path):
+    shutil.copytree(base / "pages", tmp_path / "pages")
+    ours = []
+    for mode, cer in [("grounding", 0.4), ("head", 0.2)]:
+        ours.append(str(tmp_path / f"{mode}.json"))
+        with open(ours[-1], "w") as f:
+            json.dump(dict(page_mode=mode, n=2, det_rate=0.5, iou=0.7, cer=cer, seconds_per_page=1.0), f)
+    out = run(tmp_path, "scripts.bench_pages", f"--data={base / 'data' / 'dataset.json'}", "--model_tag=pages",
+              f"--ours={','.join(ours)}", f"--json={tmp_path / 'bench.json'}")
+    assert out.returncode == 0, out.stderr
+    assert "| ours: detection head + line reader | 0.500 | 0.700 | 0.200 | 1.00 | 2 |" in out.stdout
+    assert read_meta(str(tmp_path / "pages" / "meta_000002.json"))["page_mode"] == "head"
+    readers = json.load(open(tmp_path / "bench.json"))["readers"]
+    if shutil.which("tesseract"):  # the blank page has no reference lines: det_rate over the other one only
+        assert readers["tesseract"]["n"] == 2 and readers["tesseract"]["cer"] is not None

@@ -13,6 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # shell entry points and the script their extra arguments go to (besides their own flags)
 SHELL_SCRIPTS = {"tier1.sh": ("vis_tok_train", {"data"}), "lines.sh": ("vis_tok_train", set()),
+                 "pages.sh": ("vis_tok_train", set()),
                  "test.sh": (None, set())}
 
 
