@@ -28,6 +28,19 @@ def setup_env(cwd, then="python -c 'import sys; print(sys.prefix)'"):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def installing_pip(session):
+    """Whether a process of this session (the set-up's process group) is venv's ensurepip."""
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.getpgid(int(pid)) == session:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"ensurepip" in f.read():
+                        return True
+        except OSError:  # gone meanwhile
+            continue
+    return False
+
+
 def run_setup(cwd, **kwargs):
     proc = setup_env(cwd, **kwargs)
     out = proc.communicate(timeout=120)[0]
@@ -37,19 +50,14 @@ def run_setup(cwd, **kwargs):
 
 def test_interrupted_setup_is_rebuilt(tmp_path):
     venv = tmp_path / ".venv"
-    # interrupt the first set-up once bin/python is there: `python3 -m venv` is then installing pip. On a loaded
-    # machine the signal can land after the venv is finished; then start over (a few tries)
-    for attempt in range(5):
-        shutil.rmtree(venv, ignore_errors=True)
-        proc = setup_env(tmp_path)
-        deadline = time.time() + 60
-        while not os.path.lexists(venv / "bin" / "python") and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, proc.communicate()[0]
-        os.killpg(proc.pid, signal.SIGINT)
-        out = proc.communicate(timeout=60)[0]
-        if proc.returncode != 0 and not (venv / "bin" / "activate").exists():
-            break
+    # interrupt the first set-up while `python3 -m venv` installs pip (its ensurepip child is running)
+    proc = setup_env(tmp_path)
+    deadline = time.time() + 60
+    while not installing_pip(proc.pid) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
     assert proc.returncode != 0, out
     assert os.path.lexists(venv / "bin" / "python") and not (venv / "bin" / "activate").exists(), out
 
