@@ -32,7 +32,7 @@ if ! python -c "import torch" 2>/dev/null; then
         pip_install "torch==2.13.0"
     fi
 fi
-needs="nanovlm, tiktoken, rustbpe, safetensors, PIL, pypdfium2, matplotlib, scipy, pytest"
+needs="nanovlm, tiktoken, rustbpe, safetensors, PIL, pypdfium2, matplotlib, scipy, pytest, wandb"
 [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && needs="$needs, triton"   # the dev extra's triton (kernel tests)
 if ! python -c "import $needs" 2>/dev/null; then
     pip_install -e ".[dev]"
