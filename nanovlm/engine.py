@@ -33,9 +33,29 @@ def prompt_forward(model, ids, images, kv_cache=None):
     return model(ids, images=images, kv_cache=kv_cache)
 
 
+# A decode step of a narrow GPT is a few hundred tiny ops (4 layers of one 128-wide row each, for tiny). On a CPU a
+# second thread cannot split them usefully, and waking it for every matmul and attention costs more than the work
+# (tiny on 2 idle cores: 1,604 tok/s on one thread, 1,248 on two), and far more when the other core is busy. So
+# steps with less work than this (rows x n_embd^2: tiny up to 16 rows) run on one thread; wider ones (d20) use all.
+ONE_THREAD_DECODE_WORK = 2 ** 18
+
+
+def decode_threads(gpt, ids):
+    """The threads a decode step of ids (B, 1) runs on: one for a small step on a CPU, else all of them."""
+    small = ids.device.type == "cpu" and ids.size(0) * gpt.config.n_embd ** 2 < ONE_THREAD_DECODE_WORK
+    return 1 if small else torch.get_num_threads()
+
+
 def token_forward(model, ids, kv_cache):
     """Decode step: token ids only, the encoder is not involved."""
-    return model.gpt(ids, kv_cache=kv_cache)
+    threads, step_threads = torch.get_num_threads(), decode_threads(model.gpt, ids)
+    if step_threads == threads:
+        return model.gpt(ids, kv_cache=kv_cache)
+    torch.set_num_threads(step_threads)  # restored before returning: the caller (and the prefill) keep theirs
+    try:
+        return model.gpt(ids, kv_cache=kv_cache)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def room_to_generate(gpt, prompt_length):

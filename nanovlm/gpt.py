@@ -38,7 +38,7 @@ def norm(x):
 
 def rotary_tables(cos, sin, dtype):
     """The (.., D/2) cos and sin tables widened to the whole head dim for apply_rotary_emb, in x's dtype: made
-    once per forward, shared by every layer."""
+    once per dtype (GPT.rotary), shared by every forward and layer."""
     cos, sin = cos.to(dtype), sin.to(dtype)
     return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
 
@@ -178,6 +178,8 @@ class KVCache:
         self.pos = 0
         self.row_start = row_start
         self._mask = None  # (key for which it was built, mask): one mask per forward, shared by the layers
+        self._own = None  # (B, 1, 1, cache length) bool, each row's own columns: the mask of every decode step
+        self.last_start = 0 if row_start is None else int(row_start.max())
 
     def positions(self, T):
         """(B, T) rotary positions of the next T columns: column minus the row's start (padding counts as 0)."""
@@ -187,6 +189,13 @@ class KVCache:
     def attention_mask(self, Tq, Tk):
         """(B, 1, Tq, Tk) bool: causal, and no padding keys. A padding query sees only itself (never an empty row,
         which would be NaN); nothing reads its output."""
+        if Tq == 1 and Tk > self.last_start:
+            # a decode step, after every row's start: causal and self are all True, so the mask is each row's own
+            # keys, sliced from one mask over the whole cache instead of built anew (ten small ops) every step
+            if self._own is None or self._own.size(-1) < Tk:
+                keys = torch.arange(self.shape[4], device=self.row_start.device)
+                self._own = (keys >= self.row_start[:, None])[:, None, None, :]
+            return self._own[..., :Tk]
         key = (Tq, Tk)
         if self._mask is None or self._mask[0] != key:
             keys = torch.arange(Tk, device=self.row_start.device)
@@ -245,6 +254,7 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self._wide_rotary = None  # (which tables and dtype it was built for, rotary_tables of them): see rotary
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
     def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
@@ -273,6 +283,16 @@ class GPT(nn.Module):
         """(Re)compute the rotary tables on the model's device: they are buffers that checkpoints do not hold."""
         head_dim = self.config.n_embd // self.config.n_head
         self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+
+    def rotary(self, dtype):
+        """rotary_tables of the whole (1, T, 1, D/2) tables in `dtype`, (1, T, 1, D) each, kept until the tables
+        or the dtype change: a forward then slices its positions out of them (the same values), where widening its
+        own slice cost five small ops, which at a one-token decode step are all overhead."""
+        key = (dtype, self.cos.device, self.cos.data_ptr(), self.cos.shape, self.sin.data_ptr())
+        if self._wide_rotary is None or self._wide_rotary[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: training may read them later
+                self._wide_rotary = (key, rotary_tables(self.cos, self.sin, dtype))
+        return self._wide_rotary[1]
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -338,19 +358,19 @@ class GPT(nn.Module):
         assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} exceeds the rotary cache {self.cos.size(1)}"
         assert self.cos.device == x.device, f"rotary tables on {self.cos.device}, input on {x.device}"
         attn_mask = None
+        # the bf16 tables in x's dtype, not converted at each of the layers' rotary products (the same values: the
+        # products would promote them to x's dtype anyway)
+        cos, sin = self.rotary(x.dtype)
         if doc_ids is not None:
             assert kv_cache is None, "packed rows (doc_ids) are for training, not for a kv_cache"
             positions = sample_positions(doc_ids)  # (B, T): each sample counts from 0
-            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+            cos_sin = cos[0, positions], sin[0, positions]  # (B, T, 1, D)
             attn_mask = sample_mask(doc_ids)
         elif kv_cache is not None and kv_cache.row_start is not None:
             positions = kv_cache.positions(T)  # (B, T): each row counts from its own first token
-            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+            cos_sin = cos[0, positions], sin[0, positions]  # (B, T, 1, D)
         else:
-            cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
-        # the bf16 tables in x's dtype once here, not at each of the layers' rotary products (the same values: the
-        # products would promote them to x's dtype anyway)
-        cos_sin = rotary_tables(cos, sin, x.dtype)
+            cos_sin = cos[:, T0:T0 + T], sin[:, T0:T0 + T]
 
         x = norm(x)
         for block in self.transformer.h:

@@ -77,3 +77,20 @@ def test_sample_next_token_top_k():
     picks = {int(sample_next_token(logits, rng, 1.0, top_k=2)) for _ in range(50)}
     assert picks <= {1, 2}
     assert int(sample_next_token(logits, rng, 0.0)) == 1
+
+
+def test_generate_many_equals_one_by_one_and_keeps_threads(tokenizer, vlm):
+    # left-padded rows of different lengths (each decode step's mask is sliced from one over the whole cache),
+    # decoded on one thread (a narrow model): the same greedy tokens as each prompt alone, the thread count kept
+    image = image_prompt(tokenizer)[1]
+    prompts = [image_prompt(tokenizer)[0],
+               tokenizer.render_for_completion([{"role": "user", "content": "Hello there, a longer one"}]),
+               tokenizer.render_for_completion([{"role": "user", "content": "Hi"}])]
+    images = [[image], [], []]
+    engine = Engine(vlm, tokenizer)
+    threads = torch.get_num_threads()
+    many = engine.generate_many(prompts, images=images, max_tokens=12)
+    assert torch.get_num_threads() == threads
+    for prompt, im, out in zip(prompts, images, many):
+        alone, _ = engine.generate_batch(prompt, images=im or None, max_tokens=12, temperature=0.0)
+        assert out == alone[0][len(prompt):]
